@@ -1,0 +1,110 @@
+"""Attention backends the model calls per layer, and the KV cache they own.
+
+The model computes post-RoPE q, k, v and hands them to a backend; the backend writes its cache and
+returns the attention output. Swapping the backend (full, DASH-KV, a baseline) never touches the
+model. Backends are pytrees, so their parameters (e.g. trained hashers) are traced jit arguments.
+"""
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dashkv_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated full-precision KV cache, one layout for every backend."""
+
+    k: Array  # [layers, batch, kv_heads, max_len, head_dim]
+    v: Array  # [layers, batch, kv_heads, max_len, head_dim]
+    lengths: Array  # [batch] int32: tokens written so far (the next token's position)
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32):
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class Attention(Protocol):
+    """What the model needs from an attention backend."""
+
+    def init_cache(self, config: ModelConfig, batch: int, max_len: int, dtype) -> Any: ...
+
+    def prefill(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
+        """Causal attention over a whole prompt written from position 0; q [B,T,Hq,D]."""
+
+    def decode(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
+        """One new token per row at position `cache.lengths`; q [B,1,Hq,D], k/v [B,1,Hkv,D]."""
+
+
+def causal_attention(q: Array, k: Array, v: Array) -> Array:
+    """Exact causal GQA attention within one sequence, fp32 softmax.
+
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D].
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    logits = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(causal, logits * d**-0.5, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgts,bshd->bthgd", weights, v)
+    return out.reshape(b, t, hq, d)
+
+
+def write_prefill(cache: KVCache, layer: Array, k: Array, v: Array) -> KVCache:
+    """Write a prompt's k/v [B, T, Hkv, D] at positions 0..T-1 of one layer."""
+    k_heads = k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype)  # [1, B, Hkv, T, D]
+    v_heads = v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype)
+    start = (layer, 0, 0, 0, 0)
+    return cache.replace(
+        k=jax.lax.dynamic_update_slice(cache.k, k_heads, start),
+        v=jax.lax.dynamic_update_slice(cache.v, v_heads, start),
+    )
+
+
+def write_token(cache: KVCache, layer: Array, k: Array, v: Array) -> KVCache:
+    """Write one token's k/v [B, 1, Hkv, D] at each row's position `cache.lengths`."""
+    rows = jnp.arange(k.shape[0])
+    return cache.replace(
+        k=cache.k.at[layer, rows, :, cache.lengths].set(k[:, 0].astype(cache.k.dtype)),
+        v=cache.v.at[layer, rows, :, cache.lengths].set(v[:, 0].astype(cache.v.dtype)),
+    )
+
+
+@struct.dataclass
+class FullAttention:
+    """Exact attention over every cached token: the reference every other backend is judged by."""
+
+    def init_cache(self, config, batch, max_len, dtype=jnp.float32) -> KVCache:
+        return KVCache.create(config, batch, max_len, dtype)
+
+    def prefill(self, cache, layer, q, k, v):
+        return causal_attention(q, k, v), write_prefill(cache, layer, k, v)
+
+    def decode(self, cache, layer, q, k, v):
+        cache = write_token(cache, layer, k, v)
+        b, _, hq, d = q.shape
+        hkv = k.shape[2]
+        qg = q.reshape(b, hkv, hq // hkv, d)
+        keys, values = cache.k[layer], cache.v[layer]  # [B, Hkv, S, D]
+        logits = jnp.einsum("bhgd,bhsd->bhgs", qg, keys, preferred_element_type=jnp.float32)
+        visible = jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None]  # [B, S]
+        logits = jnp.where(visible[:, None, None, :], logits * d**-0.5, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bhgs,bhsd->bhgd", weights, values)
+        return out.reshape(b, 1, hq, d), cache

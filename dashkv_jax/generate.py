@@ -1,0 +1,147 @@
+"""Sampling and the jit-compiled decode loop (prefill, then `lax.while_loop` over decode steps)."""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+from tokenizers import Tokenizer
+
+from dashkv_jax.attention import Attention, FullAttention
+from dashkv_jax.errors import DashKVError
+from dashkv_jax.model import Llama
+from dashkv_jax.tokenizer import render_chat
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Sampling:
+    """Greedy when `temperature == 0`, otherwise temperature + nucleus (top-p) sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise DashKVError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DashKVError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: Array, key: Array, sampling: Sampling) -> Array:
+    """logits [B, V] -> token ids [B] int32."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1:
+        # Drop the tail of tokens outside the smallest set whose mass reaches top_p.
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf)
+        cutoff = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@nnx.jit(static_argnames=("max_new_tokens", "sampling", "on_token"))
+def generate_ids(
+    model: Llama,
+    prompt: Array,
+    key: Array,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    attention: Attention | None = None,
+    on_token: Callable[[np.ndarray], None] | None = None,
+) -> tuple[Array, Array]:
+    """Prefill `prompt` [B, T] and decode up to `max_new_tokens` tokens per row.
+
+    Returns (tokens [B, max_new_tokens] int32, padded with the first EOS id after a row stops,
+    counts [B] int32 of tokens generated before stopping). `on_token(tokens [B])` streams each
+    step's tokens from inside the loop.
+    """
+    attention = attention or FullAttention()
+    batch, prompt_len = prompt.shape
+    eos = jnp.asarray(model.config.eos_token_ids or (-1,), jnp.int32)
+    cache = model.init_cache(batch, prompt_len + max_new_tokens, attention)
+    logits, cache = model.prefill(prompt, cache, attention)
+    key, first_key = jax.random.split(key)
+    out = jnp.full((batch, max_new_tokens), eos[0], jnp.int32)
+    state = (0, sample(logits, first_key, sampling), cache, key, jnp.zeros(batch, bool), out)
+
+    def not_finished(state):
+        step, _, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_one(state):
+        step, token, cache, key, done, out = state
+        out = out.at[:, step].set(jnp.where(done, out[:, step], token))
+        if on_token is not None:
+            io_callback(on_token, None, jnp.where(done, -1, token), ordered=True)
+        done = done | jnp.isin(token, eos)
+        logits, cache = model.decode_step(token, cache, attention)
+        key, step_key = jax.random.split(key)
+        return step + 1, sample(logits, step_key, sampling), cache, key, done, out
+
+    step, _, _, _, done, out = jax.lax.while_loop(not_finished, decode_one, state)
+    is_eos = jnp.isin(out, eos)
+    counts = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), max_new_tokens)
+    return out, counts.astype(jnp.int32)
+
+
+def generate(
+    model: Llama,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = Sampling(),
+    chat: bool = False,
+    attention: Attention | None = None,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Generate a continuation of `prompt` (optionally wrapped in the chat template) as text."""
+    if chat:
+        prompt = render_chat(model.chat_template, [{"role": "user", "content": prompt}])
+    ids = tokenizer.encode(prompt).ids
+    check_fits(model, len(ids), max_new_tokens)
+    streamed: list[int] = []
+
+    def on_token(tokens: np.ndarray):
+        # Decode the whole stream each time so multi-byte characters come out whole.
+        if tokens[0] < 0 or int(tokens[0]) in model.config.eos_token_ids:
+            return
+        before = tokenizer.decode(streamed)
+        streamed.append(int(tokens[0]))
+        on_text(tokenizer.decode(streamed)[len(before) :])
+
+    out, counts = generate_ids(
+        model,
+        jnp.asarray([ids], jnp.int32),
+        jax.random.key(seed),
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        attention=attention,
+        on_token=on_token if on_text else None,
+    )
+    return tokenizer.decode(np.asarray(out[0, : int(counts[0])]).tolist())
+
+
+def check_fits(model: Llama, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt + generation that overflows the model's context, before any work."""
+    if max_new_tokens < 1:
+        raise DashKVError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if prompt_tokens == 0:
+        raise DashKVError("the prompt is empty")
+    total = prompt_tokens + max_new_tokens
+    if total > model.config.max_position:
+        raise DashKVError(
+            f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens = {total} exceeds "
+            f"the model's context of {model.config.max_position} tokens"
+        )

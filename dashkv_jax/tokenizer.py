@@ -1,0 +1,75 @@
+"""Tokenizers from GGUF metadata (byte-level BPE) and chat-template rendering."""
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from dashkv_jax.errors import DashKVError
+
+# GGUF token types (llama.cpp's llama_token_type): control and user-defined tokens are special.
+_SPECIAL_TOKEN_TYPES = (3, 4)
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre_tokenizer(pre: str):
+    """The pre-tokenizer llama.cpp applies for GGUF's `tokenizer.ggml.pre`."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("gpt2", "default"):
+        return byte_level
+    if pre == "smollm":  # every digit on its own, then GPT-2's split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    splits = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+    if pre in splits:
+        split = pre_tokenizers.Split(Regex(splits[pre]), behavior="isolated")
+        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        return pre_tokenizers.Sequence([split, no_regex])
+    known = ", ".join(["default", "gpt2", "smollm", *splits])
+    raise DashKVError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {known})")
+
+
+def tokenizer_from_gguf(meta: dict) -> Tokenizer:
+    """A `tokenizers.Tokenizer` rebuilt from GGUF `tokenizer.ggml.*` metadata."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise DashKVError(
+            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
+            "load the model's Hugging Face folder instead"
+        )
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    tokenizer.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [])
+    special = [tokens[i] for i, kind in enumerate(types) if kind in _SPECIAL_TOKEN_TYPES]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        bos_token = tokens[bos]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A $B", special_tokens=[(bos_token, bos)]
+        )
+    return tokenizer
+
+
+def _raise(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True):
+    """Render chat `messages` ([{"role", "content"}]) with the model's Jinja chat template."""
+    if not template:
+        raise DashKVError("this model has no chat template; prompt it without --chat")
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt
+    )

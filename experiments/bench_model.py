@@ -1,0 +1,133 @@
+"""Prefill and decode throughput of a model with full attention on this machine.
+
+    python experiments/bench_model.py                      # 512/2048/8192 prefill, 512/8192 decode
+    python experiments/bench_model.py --prefill 512 --decode 512 --json out.json
+
+Prints a table and writes JSON (with the machine it ran on). Each figure is the median of
+`--repeats` timed runs after one compile-and-warm-up run.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dashkv_jax import DEFAULT_MODEL, data, load_model
+from dashkv_jax.model import Llama, prefill
+
+
+@nnx.jit(static_argnames="steps", donate_argnames="cache")
+def decode_steps(model: Llama, token, cache, *, steps: int):
+    """`steps` greedy decode steps in one compiled loop -> (last token, cache)."""
+
+    def step(_, carry):
+        token, cache = carry
+        logits, cache = model.decode_step(token, cache)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    return jax.lax.fori_loop(0, steps, step, (token, cache))
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _real_ids(tokenizer, length: int) -> jax.Array:
+    docs = data.load_documents(split="heldout")
+    window = next(data.iter_token_windows(docs, tokenizer, length, concatenate=True))
+    return jnp.asarray(window[None], jnp.int32)
+
+
+def bench_prefill(model, tokenizer, length: int, repeats: int) -> dict:
+    ids = _real_ids(tokenizer, length)
+
+    def run():
+        return prefill(model, ids, model.init_cache(1, length))[0]
+
+    seconds = _median_seconds(run, repeats)
+    return {
+        "phase": "prefill",
+        "tokens": length,
+        "seconds": seconds,
+        "tokens_per_s": length / seconds,
+    }
+
+
+def bench_decode(model, tokenizer, context: int, steps: int, repeats: int) -> dict:
+    ids = _real_ids(tokenizer, context)
+    logits, filled = prefill(model, ids, model.init_cache(1, context + steps))
+    first = jnp.argmax(logits, -1).astype(jnp.int32)
+    # Every run starts from a copy of the same prefilled cache (the loop donates its input).
+    seconds = _median_seconds(
+        lambda: decode_steps(model, first, jax.tree.map(jnp.copy, filled), steps=steps)[0],
+        repeats,
+    )
+    return {
+        "phase": "decode",
+        "context": context,
+        "steps": steps,
+        "seconds": seconds,
+        "ms_per_token": 1e3 * seconds / steps,
+        "tokens_per_s": steps / seconds,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or path")
+    parser.add_argument("--prefill", default="512,2048,8192", help="prompt lengths to prefill")
+    parser.add_argument("--decode", default="512,8192", help="contexts to decode at")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
+    parser.add_argument("--json", type=Path, default=Path("runs/bench_model.json"))
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_model(args.model)
+    rows = []
+    for n in (int(x) for x in args.prefill.split(",") if x):
+        rows.append(bench_prefill(model, tokenizer, n, args.repeats))
+        print(f"prefill {n:>6} tokens: {rows[-1]['tokens_per_s']:10.1f} tokens/s", flush=True)
+    for n in (int(x) for x in args.decode.split(",") if x):
+        rows.append(bench_decode(model, tokenizer, n, args.steps, args.repeats))
+        print(f"decode at {n:>6}:     {rows[-1]['tokens_per_s']:10.1f} tokens/s", flush=True)
+
+    print(f"\n{'phase':<8} {'tokens/context':>14} {'tokens/s':>10} {'ms/token':>9}")
+    for r in rows:
+        n = r.get("tokens", r.get("context"))
+        ms = 1e3 / r["tokens_per_s"]
+        print(f"{r['phase']:<8} {n:>14} {r['tokens_per_s']:>10.1f} {ms:>9.2f}")
+    result = {
+        "model": model.config.name,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "jax_backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+        },
+        "dtype": str(np.dtype(model.embed.dtype)),
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

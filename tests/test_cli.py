@@ -1,0 +1,93 @@
+"""The `dashkv` command: its output, and one clear line + exit 2 for every kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dashkv_jax.cli import main
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_prints_the_bundled_shape(capsys):
+    code, out, _ = _run(["info"], capsys)
+    assert code == 0
+    assert "layers       30" in out and "kv heads     3" in out and "head_dim     64" in out
+    assert "context      8192" in out and "134.5M" in out
+
+
+def test_generate_streams_an_answer(capsys):
+    argv = ["generate", "--chat", "--prompt", "What is the capital of France?"]
+    code, out, _ = _run([*argv, "--max-new-tokens", "16"], capsys)
+    assert code == 0 and "Paris" in out
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dashkv: error:"), err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_prompt_file(capsys, tmp_path):
+    code, _, err = _run(["generate", "--prompt-file", str(tmp_path / "nope.txt")], capsys)
+    _assert_one_line_error(code, err, "nope.txt")
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = _run(["info", "--model", str(tmp_path / "absent.gguf")], capsys)
+    _assert_one_line_error(code, err, "absent.gguf")
+
+
+def test_unknown_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    code, _, err = _run(["info", "--model", str(tmp_path)], capsys)
+    _assert_one_line_error(code, err, "GPT2LMHeadModel", "LlamaForCausalLM")
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00 truncated")
+    code, _, err = _run(["info", "--model", str(bad)], capsys)
+    _assert_one_line_error(code, err, "broken.gguf")
+
+
+def test_prompt_longer_than_context(capsys, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("word " * 9000)  # about 9000 tokens > 8192
+    code, _, err = _run(["generate", "--prompt-file", str(prompt)], capsys)
+    _assert_one_line_error(code, err, "exceeds the model's context of 8192")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate"], "--prompt"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "many"], "expected a whole number"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature"),
+        (["generate", "--prompt", "hi", "--temperature", "1", "--top-p", "2"], "top-p"),
+        (["generate", "--prompt", "hi", "--greedy", "--temperature", "1"], "not allowed"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_options(capsys, argv, needle):
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, needle)
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dashkv_jax.cli", "generate", "--prompt-file", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "dashkv: error:" in result.stderr
