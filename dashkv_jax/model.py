@@ -141,6 +141,28 @@ class Llama(nnx.Module):
         x, _ = self._run_layers(self.embed[...][ids], positions, attend, None)
         return self._logits(x)
 
+    def capture_qk(self, ids: Array) -> tuple[Array, Array]:
+        """Post-RoPE queries and keys of every layer for a full causal pass over ids [B, T].
+
+        Returns q [layers, B, T, Hq, D] and k [layers, B, T, Hkv, D] (what the hashers learn from).
+        """
+        b, t = ids.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+
+        def attend_and_keep(captured, layer, q, k, v):
+            return causal_attention(q, k, v), (
+                captured[0].at[layer].set(q),
+                captured[1].at[layer].set(k),
+            )
+
+        c = self.config
+        captured = (
+            jnp.zeros((c.num_layers, b, t, c.num_heads, c.head_dim), self.embed.dtype),
+            jnp.zeros((c.num_layers, b, t, c.num_kv_heads, c.head_dim), self.embed.dtype),
+        )
+        _, captured = self._run_layers(self.embed[...][ids], positions, attend_and_keep, captured)
+        return captured
+
     def init_cache(self, batch: int, max_len: int, attention: Attention | None = None, dtype=None):
         """An empty cache of `max_len` slots for `attention` (full attention by default)."""
         attention = attention or FullAttention()
@@ -175,3 +197,4 @@ class Llama(nnx.Module):
 forward = nnx.jit(Llama.__call__)
 prefill = nnx.jit(Llama.prefill, donate_argnames="cache")
 decode_step = nnx.jit(Llama.decode_step, donate_argnames="cache")
+capture_qk = nnx.jit(Llama.capture_qk)

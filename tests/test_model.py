@@ -8,7 +8,14 @@ import pytest
 from dashkv_jax import data
 from dashkv_jax.generate import Sampling, generate, generate_ids, sample
 from dashkv_jax.loaders import undo_rope_permutation
-from dashkv_jax.model import apply_rope, decode_step, forward, prefill, rope_frequencies
+from dashkv_jax.model import (
+    apply_rope,
+    capture_qk,
+    decode_step,
+    forward,
+    prefill,
+    rope_frequencies,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +143,13 @@ def test_sampling_modes():
         int(sample(logits, k, Sampling(temperature=1.0))[0]) for k in jax.random.split(key, 300)
     ]
     assert set(draws) == {0, 1, 2}
+
+
+def test_capture_qk_matches_the_cache_written_by_prefill(smollm2, heldout_ids):
+    """Captured keys are exactly what the model caches (post-RoPE), layer by layer."""
+    model, _ = smollm2
+    ids = jnp.asarray(heldout_ids[None, :48])
+    q, k = capture_qk(model, ids)
+    assert q.shape == (30, 1, 48, 9, 64) and k.shape == (30, 1, 48, 3, 64)
+    _, cache = prefill(model, ids, model.init_cache(1, 48))
+    np.testing.assert_allclose(k.transpose(0, 1, 3, 2, 4), cache.k, atol=1e-6)
