@@ -98,13 +98,18 @@ class FullAttention:
 
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
-        b, _, hq, d = q.shape
-        hkv = k.shape[2]
-        qg = q.reshape(b, hkv, hq // hkv, d)
-        keys, values = cache.k[layer], cache.v[layer]  # [B, Hkv, S, D]
-        logits = jnp.einsum("bhgd,bhsd->bhgs", qg, keys, preferred_element_type=jnp.float32)
-        visible = jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None]  # [B, S]
-        logits = jnp.where(visible[:, None, None, :], logits * d**-0.5, -jnp.inf)
-        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhgs,bhsd->bhgd", weights, values)
-        return out.reshape(b, 1, hq, d), cache
+        return attend_all(cache, layer, q), cache
+
+
+def attend_all(cache: KVCache, layer: Array, q: Array) -> Array:
+    """Exact attention of one new query per row over every written slot; q [B,1,Hq,D]."""
+    b, _, hq, d = q.shape
+    hkv = cache.k.shape[2]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    keys, values = cache.k[layer], cache.v[layer]  # [B, Hkv, S, D]
+    logits = jnp.einsum("bhgd,bhsd->bhgs", qg, keys, preferred_element_type=jnp.float32)
+    visible = jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None]  # [B, S]
+    logits = jnp.where(visible[:, None, None, :], logits * d**-0.5, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bhgs,bhsd->bhgd", weights, values)
+    return out.reshape(b, 1, hq, d)

@@ -1,0 +1,122 @@
+"""Token-budget decode attention: exactness when the budget covers the context, and each
+selection rule against a case small enough to check by hand."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dashkv_jax import data
+from dashkv_jax.attention import KVCache
+from dashkv_jax.config import ModelConfig
+from dashkv_jax.model import decode_step, prefill
+from dashkv_jax.sparse import OracleAttention, QuestAttention, StreamingAttention
+
+METHODS = [OracleAttention, StreamingAttention, QuestAttention]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+def test_budget_covering_the_context_equals_full_attention(smollm2, method):
+    model, tokenizer = smollm2
+    docs = data.load_documents(split="heldout")
+    ids = jnp.asarray(next(data.iter_token_windows(docs, tokenizer, 180))[None])
+    attention = method(budget=256)
+    full_cache = model.init_cache(1, 192)
+    sparse_cache = model.init_cache(1, 192)
+    _, full_cache = prefill(model, ids[:, :170], full_cache)
+    _, sparse_cache = prefill(model, ids[:, :170], sparse_cache, attention)
+    for t in range(170, 174):
+        expected, full_cache = decode_step(model, ids[:, t], full_cache)
+        got, sparse_cache = decode_step(model, ids[:, t], sparse_cache, attention)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def _one_layer_cache(keys, values):
+    """A cache holding keys/values [S, D] for one layer, batch 1, one KV head."""
+    s, d = keys.shape
+    config = ModelConfig(
+        vocab_size=8, hidden_size=d, intermediate_size=d, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=d, max_position=s,
+    )  # fmt: skip
+    cache = KVCache.create(config, batch=1, max_len=s)
+    return cache.replace(
+        k=cache.k.at[0, 0, 0].set(keys),
+        v=cache.v.at[0, 0, 0].set(values),
+        lengths=jnp.array([s - 1]),  # the token at s-1 is the new one
+    )
+
+
+def _decode(attention, cache, q):
+    """Sparse decode of a query q [D] at layer 0 (dense_layers=0): -> [D]."""
+    out = attention._sparse_decode(cache, jnp.asarray(0), q[None, None, None, :])
+    return np.asarray(out[0, 0, 0])
+
+
+def test_oracle_equals_brute_force_topk_attention():
+    rng = np.random.default_rng(0)
+    s, d, sinks, window, budget = 300, 16, 4, 8, 40
+    keys = rng.normal(size=(s, d)).astype(np.float32)
+    values = rng.normal(size=(s, d)).astype(np.float32)
+    q = rng.normal(size=(d,)).astype(np.float32) * 2
+    attention = OracleAttention(budget=budget, sinks=sinks, window=window, dense_layers=0)
+    got = _decode(attention, _one_layer_cache(keys, values), jnp.asarray(q))
+
+    logits = keys @ q / np.sqrt(d)
+    middle = np.arange(sinks, s - window)
+    chosen = middle[np.argsort(-logits[middle], kind="stable")[: budget - sinks - window]]
+    kept = np.concatenate([np.arange(sinks), chosen, np.arange(s - window, s)])
+    w = np.exp(logits[kept] - logits[kept].max())
+    expected = (w / w.sum()) @ values[kept]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_streaming_keeps_sinks_and_the_most_recent_tokens():
+    # 12 slots, 2 sinks, window 3, budget 7 -> middle picks the 2 most recent of [2, 9):
+    # slots 7 and 8; with window 9..11 and sinks 0..1 the set is {0, 1, 7, 8, 9, 10, 11}.
+    # Values are one-hot by slot and keys zero, so the output is uniform over that set.
+    s = 12
+    keys = np.zeros((s, s), np.float32)
+    values = np.eye(s, dtype=np.float32)
+    attention = StreamingAttention(budget=7, sinks=2, window=3, dense_layers=0)
+    got = _decode(attention, _one_layer_cache(keys, values), jnp.zeros(s))
+    expected = np.zeros(s)
+    expected[[0, 1, 7, 8, 9, 10, 11]] = 1 / 7
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_quest_picks_the_page_with_the_highest_bound():
+    # 40 slots, pages of 4, sinks 4, window 4, budget 12 -> one page of 4 middle tokens.
+    # Keys are 0 except page 5 (slots 20..23), where dimension 0 is 1 for slot 21 only: its
+    # max bound q.k_max = 1 beats every other page's 0, so slots 20..23 join sinks and window.
+    s, d = 40, 40
+    keys = np.zeros((s, d), np.float32)
+    keys[21, 0] = 1.0
+    values = np.eye(s, d, dtype=np.float32)
+    q = np.zeros(d, np.float32)
+    q[0] = 1.0
+    attention = QuestAttention(budget=12, sinks=4, window=4, dense_layers=0, page_size=4)
+    got = _decode(attention, _one_layer_cache(keys, values), jnp.asarray(q))
+    kept = [0, 1, 2, 3, 20, 21, 22, 23, 36, 37, 38, 39]
+    logits = np.zeros(len(kept))
+    logits[kept.index(21)] = 1.0 / np.sqrt(d)
+    w = np.exp(logits) / np.exp(logits).sum()
+    expected = np.zeros(d)
+    expected[kept] = w
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_budget_must_leave_room_to_select():
+    with pytest.raises(ValueError, match="leaves no room"):
+        OracleAttention(budget=68, sinks=4, window=64)
+
+
+def test_dense_layers_stay_exact(smollm2):
+    """With every layer dense, a tiny budget changes nothing."""
+    model, tokenizer = smollm2
+    ids = jnp.asarray([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 20).ids])
+    t = ids.shape[1] - 1
+    attention = OracleAttention(budget=72, dense_layers=model.config.num_layers)
+    _, a = prefill(model, ids[:, :t], model.init_cache(1, t + 1))
+    _, b = prefill(model, ids[:, :t], model.init_cache(1, t + 1), attention)
+    expected, _ = decode_step(model, ids[:, t], a)
+    got, _ = decode_step(model, ids[:, t], b, attention)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
