@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.loaders import DEFAULT_MODEL
+from dashkv_jax.methods import METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass with --temperature")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument(
+        "--attention",
+        default="full",
+        choices=METHODS,
+        help="decode attention method (default: full); all but full keep --budget tokens",
+    )
+    gen.add_argument(
+        "--budget",
+        help="tokens attended per KV head and step: a fraction of the context (1/32) or a count",
+    )
     return parser
 
 
@@ -114,6 +125,8 @@ def _generate(args) -> None:
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
         chat=args.chat,
+        attention=args.attention,
+        budget=args.budget,
         seed=args.seed,
         on_text=on_text,
     )

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from dashkv_jax.attention import Attention, FullAttention
 from dashkv_jax.errors import DashKVError
+from dashkv_jax.methods import make_attention, parse_budget
 from dashkv_jax.model import Llama
 from dashkv_jax.tokenizer import render_chat
 
@@ -102,15 +103,24 @@ def generate(
     max_new_tokens: int = 128,
     sampling: Sampling = Sampling(),
     chat: bool = False,
-    attention: Attention | None = None,
+    attention: str | Attention = "full",
+    budget: str | int | None = None,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """Generate a continuation of `prompt` (optionally wrapped in the chat template) as text."""
+    """Generate a continuation of `prompt` (optionally wrapped in the chat template) as text.
+
+    `attention` is a method name from `dashkv_jax.methods` (with `budget`: '1/32' of the final
+    context, or a token count) or an attention backend.
+    """
     if chat:
         prompt = render_chat(model.chat_template, [{"role": "user", "content": prompt}])
     ids = tokenizer.encode(prompt).ids
     check_fits(model, len(ids), max_new_tokens)
+    if isinstance(attention, str):
+        context = len(ids) + max_new_tokens
+        tokens = None if budget is None else parse_budget(str(budget), context)
+        attention = make_attention(attention, tokens)
     streamed: list[int] = []
 
     def on_token(tokens: np.ndarray):

@@ -76,11 +76,21 @@ def test_prompt_longer_than_context(capsys, tmp_path):
         (["generate", "--prompt", "hi", "--temperature", "1", "--top-p", "2"], "top-p"),
         (["generate", "--prompt", "hi", "--greedy", "--temperature", "1"], "not allowed"),
         (["frobnicate"], "invalid choice"),
+        (["generate", "--prompt", "hi", "--attention", "magic"], "invalid choice"),
+        (["generate", "--prompt", "hi", "--attention", "oracle"], "needs a --budget"),
+        (["generate", "--prompt", "hi", "--attention", "quest", "--budget", "9000"], "larger than"),
+        (["generate", "--prompt", "hi", "--attention", "oracle", "--budget", "x"], "fraction"),
     ],
 )
 def test_bad_options(capsys, argv, needle):
     code, _, err = _run(argv, capsys)
     _assert_one_line_error(code, err, needle)
+
+
+def test_generate_with_a_budgeted_method(capsys):
+    argv = ["generate", "--chat", "--prompt", "What is the capital of France?", "--attention"]
+    code, out, _ = _run([*argv, "oracle", "--budget", "72", "--max-new-tokens", "40"], capsys)
+    assert code == 0 and "Paris" in out
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):

@@ -8,6 +8,8 @@ import pytest
 from dashkv_jax import data
 from dashkv_jax.attention import KVCache
 from dashkv_jax.config import ModelConfig
+from dashkv_jax.errors import DashKVError
+from dashkv_jax.methods import parse_budget
 from dashkv_jax.model import decode_step, prefill
 from dashkv_jax.sparse import OracleAttention, QuestAttention, StreamingAttention
 
@@ -120,3 +122,16 @@ def test_dense_layers_stay_exact(smollm2):
     expected, _ = decode_step(model, ids[:, t], a)
     got, _ = decode_step(model, ids[:, t], b, attention)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "text, context, tokens", [("1/32", 8192, 256), ("1/16", 4000, 250), ("300", 8192, 300)]
+)
+def test_parse_budget(text, context, tokens):
+    assert parse_budget(text, context) == tokens
+
+
+@pytest.mark.parametrize("text", ["0", "-1/8", "abc", "1/0", "9000"])
+def test_parse_budget_refuses(text):
+    with pytest.raises(DashKVError):
+        parse_budget(text, 8192)
