@@ -173,14 +173,17 @@ class Llama(nnx.Module):
             )
         return attention.init_cache(self.config, batch, max_len, dtype or self.embed.dtype)
 
-    def prefill(self, ids: Array, cache, attention: Attention | None = None):
-        """Run a prompt ids [B, T] into an empty cache -> (last-position logits [B, V], cache)."""
+    def prefill(self, ids: Array, cache, attention: Attention | None = None, all_logits=False):
+        """Run a prompt ids [B, T] into an empty cache -> (logits, cache).
+
+        Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`.
+        """
         attention = attention or FullAttention()
         b, t = ids.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x, cache = self._run_layers(self.embed[...][ids], positions, attention.prefill, cache)
         cache = cache.replace(lengths=jnp.full((b,), t, jnp.int32))
-        return self._logits(x[:, -1]), cache
+        return self._logits(x if all_logits else x[:, -1]), cache
 
     def decode_step(self, tokens: Array, cache, attention: Attention | None = None):
         """One token per row, tokens [B] -> (logits [B, V], cache advanced by one)."""
@@ -195,6 +198,6 @@ class Llama(nnx.Module):
 # Jitted entry points that take the model as an argument: closing over it in `jax.jit` would bake
 # every weight into the compiled program as a constant (slow to compile, duplicated in memory).
 forward = nnx.jit(Llama.__call__)
-prefill = nnx.jit(Llama.prefill, donate_argnames="cache")
+prefill = nnx.jit(Llama.prefill, static_argnames="all_logits", donate_argnames="cache")
 decode_step = nnx.jit(Llama.decode_step, donate_argnames="cache")
 capture_qk = nnx.jit(Llama.capture_qk)

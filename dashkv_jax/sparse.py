@@ -16,7 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dashkv_jax.attention import FullAttention, KVCache, attend_all, write_token
+from dashkv_jax.attention import (
+    FullAttention,
+    KVCache,
+    attend_all,
+    causal_attention,
+    write_prefill,
+    write_token,
+)
 
 Array = jax.Array
 
@@ -53,12 +60,19 @@ def _gather_rows(x: Array, indices: Array) -> Array:
 
 @struct.dataclass
 class SparseAttention(FullAttention):
-    """Base of the token-budget methods; subclasses implement `select`."""
+    """Base of the token-budget methods; subclasses implement `select`.
+
+    `teacher_forced=True` makes prefill attend through the method too, every prompt position as
+    if it were being decoded with the prompt before it in the cache: decode-mode evaluation of a
+    whole text in one pass instead of one step per token.
+    """
 
     budget: int = struct.field(pytree_node=False, default=256)
     sinks: int = struct.field(pytree_node=False, default=4)
     window: int = struct.field(pytree_node=False, default=64)
     dense_layers: int = struct.field(pytree_node=False, default=2)
+    teacher_forced: bool = struct.field(pytree_node=False, default=False)
+    query_chunk: int = struct.field(pytree_node=False, default=256)
 
     def __post_init__(self):
         if self.budget <= self.sinks + self.window:
@@ -72,25 +86,39 @@ class SparseAttention(FullAttention):
         """Middle tokens chosen per KV head and step."""
         return self.budget - self.sinks - self.window
 
-    def select(self, cache: KVCache, layer: Array, q: Array, lo: Array, hi: Array):
-        """q [B, Hkv, G, D] -> (indices [B, Hkv, selected] int32, valid [B, Hkv, selected])."""
+    def select(self, cache: KVCache, layer: Array, q: Array, pos: Array, lo: Array, hi: Array):
+        """Pick middle tokens for queries q [B, Hkv, G, D] at positions pos [B].
+
+        Returns (indices [B, Hkv, selected] int32, valid [B, Hkv, selected] bool). Must only
+        look at cache slots <= pos, so teacher-forced evaluation sees no future token.
+        """
         raise NotImplementedError
+
+    def prefill(self, cache, layer, q, k, v):
+        cache = write_prefill(cache, layer, k, v)
+        if not self.teacher_forced:
+            return causal_attention(q, k, v), cache
+        return jax.lax.cond(
+            layer < self.dense_layers,
+            lambda: causal_attention(q, k, v),
+            lambda: self._attend_every_position(cache, layer, q),
+        ), cache
 
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
+        b, _, hq, d = q.shape
+        qg = q.reshape(b, cache.k.shape[2], -1, d)
         return jax.lax.cond(
             layer < self.dense_layers,
             lambda: attend_all(cache, layer, q),
-            lambda: self._sparse_decode(cache, layer, q),
+            lambda: self.attend_critical(cache, layer, qg, cache.lengths).reshape(b, 1, hq, d),
         ), cache
 
-    def _sparse_decode(self, cache: KVCache, layer: Array, q: Array) -> Array:
-        b, _, hq, d = q.shape
-        hkv = cache.k.shape[2]
-        qg = q.reshape(b, hkv, hq // hkv, d)
-        pos = cache.lengths  # the new token's position, already written
+    def attend_critical(self, cache: KVCache, layer: Array, q: Array, pos: Array) -> Array:
+        """Exact attention over sinks + window + selected middle; q [B, Hkv, G, D] at pos [B]."""
+        b, hkv, _, d = q.shape
         lo, hi = middle_bounds(pos, self.sinks, self.window)
-        middle, middle_ok = self.select(cache, layer, qg, lo, hi)
+        middle, middle_ok = self.select(cache, layer, q, pos, lo, hi)
         sink_idx = jnp.broadcast_to(jnp.arange(self.sinks), (b, self.sinks))
         window_idx = pos[:, None] - self.window + 1 + jnp.arange(self.window)  # [B, R]
         fixed = jnp.concatenate([sink_idx, window_idx], axis=1)  # [B, S + R]
@@ -105,19 +133,37 @@ class SparseAttention(FullAttention):
         indices = jnp.where(ok, indices, 0)
         keys = _gather_rows(cache.k[layer], indices)  # [B, Hkv, budget, D]
         values = _gather_rows(cache.v[layer], indices)
-        logits = jnp.einsum("bhgd,bhkd->bhgk", qg, keys, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bhgd,bhkd->bhgk", q, keys, preferred_element_type=jnp.float32)
         logits = jnp.where(ok[:, :, None, :], logits * d**-0.5, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhgk,bhkd->bhgd", weights, values)
-        return out.reshape(b, 1, hq, d)
+        return jnp.einsum("bhgk,bhkd->bhgd", weights, values)
+
+    def _attend_every_position(self, cache: KVCache, layer: Array, q: Array) -> Array:
+        """Each prompt position t attends through the method to slots <= t; q [B,T,Hq,D]."""
+        b, t, hq, d = q.shape
+        hkv = cache.k.shape[2]
+        chunk = min(self.query_chunk, t)
+        padded = -(-t // chunk) * chunk
+        qg = jnp.pad(q, ((0, 0), (0, padded - t), (0, 0), (0, 0))).reshape(b, padded, hkv, -1, d)
+        positions = jnp.minimum(jnp.arange(padded), t - 1)
+        one_query = jax.vmap(self.attend_critical, in_axes=(None, None, 1, 0), out_axes=1)
+
+        def chunk_out(start):
+            q_chunk = jax.lax.dynamic_slice_in_dim(qg, start, chunk, axis=1)
+            pos = jax.lax.dynamic_slice_in_dim(positions, start, chunk)
+            return one_query(cache, layer, q_chunk, jnp.broadcast_to(pos[:, None], (chunk, b)))
+
+        out = jax.lax.map(chunk_out, jnp.arange(0, padded, chunk))  # [chunks, B, chunk, Hkv, G, D]
+        out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, padded, hq, d)
+        return out[:, :t]
 
 
 @struct.dataclass
 class OracleAttention(SparseAttention):
     """Exact top-k by the group's attention mass: the ceiling any selection can reach."""
 
-    def select(self, cache, layer, q, lo, hi):
-        visible = jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None]
+    def select(self, cache, layer, q, pos, lo, hi):
+        visible = jnp.arange(cache.max_len)[None, :] <= pos[:, None]
         mass = group_attention_mass(q, cache.k[layer], visible)
         return topk_in_middle(mass, lo, hi, self.selected)
 
@@ -126,39 +172,45 @@ class OracleAttention(SparseAttention):
 class StreamingAttention(SparseAttention):
     """StreamingLLM: sinks + the most recent tokens, the whole budget spent on recency."""
 
-    def select(self, cache, layer, q, lo, hi):
+    def select(self, cache, layer, q, pos, lo, hi):
         b, hkv = q.shape[:2]
-        recency = jnp.broadcast_to(
-            jnp.arange(cache.max_len, dtype=jnp.float32), (b, hkv, cache.max_len)
+        recency = jnp.arange(cache.max_len, dtype=jnp.float32)
+        return topk_in_middle(
+            jnp.broadcast_to(recency, (b, hkv, cache.max_len)), lo, hi, self.selected
         )
-        return topk_in_middle(recency, lo, hi, self.selected)
 
 
 @struct.dataclass
 class QuestAttention(SparseAttention):
-    """Quest: an upper bound of q.k per page of keys from its per-dimension min and max."""
+    """Quest: pages of keys ranked by an upper bound of q.k from their per-dimension min/max.
+
+    Candidate pages are those overlapping the middle; they lie wholly before the window
+    (window >= page size), so every one is fully written and its bounds see no future token.
+    """
 
     page_size: int = struct.field(pytree_node=False, default=16)
 
-    def select(self, cache, layer, q, lo, hi):
+    def __post_init__(self):
+        SparseAttention.__post_init__(self)
+        if self.window < self.page_size:
+            raise ValueError(
+                f"Quest needs window >= page size, got {self.window=}, {self.page_size=}"
+            )
+
+    def select(self, cache, layer, q, pos, lo, hi):
         keys = cache.k[layer]  # [B, Hkv, S, D]
         b, hkv, s, d = keys.shape
-        pages = -(-s // self.page_size)
-        slots = jnp.arange(pages * self.page_size)
-        inside = (slots >= lo[:, None]) & (slots < hi[:, None])  # [B, P * page]
-        padded = jnp.pad(keys, ((0, 0), (0, 0), (0, pages * self.page_size - s), (0, 0)))
-        paged = padded.reshape(b, hkv, pages, self.page_size, d)
-        in_page = inside.reshape(b, 1, pages, self.page_size, 1)
-        k_max = jnp.where(in_page, paged, -jnp.inf).max(axis=3)  # [B, Hkv, P, D]
-        k_min = jnp.where(in_page, paged, jnp.inf).min(axis=3)
+        pages = s // self.page_size
+        paged = keys[:, :, : pages * self.page_size].reshape(b, hkv, pages, self.page_size, d)
+        k_max, k_min = paged.max(axis=3), paged.min(axis=3)  # [B, Hkv, P, D]
         bound = jnp.maximum(
             q[:, :, :, None] * k_max[:, :, None], q[:, :, :, None] * k_min[:, :, None]
         )
-        bound = jnp.where(jnp.isfinite(bound), bound, 0.0).sum(axis=-1).max(axis=2)  # [B, Hkv, P]
-        has_tokens = inside.reshape(b, pages, self.page_size).any(-1)
-        bound = jnp.where(has_tokens[:, None], bound, -jnp.inf)
-        n_pages = -(-self.selected // self.page_size)
-        _, top_pages = jax.lax.top_k(bound, n_pages)  # [B, Hkv, n_pages]
+        bound = bound.sum(axis=-1).max(axis=2)  # [B, Hkv, P]: the best query head of the group
+        starts = jnp.arange(pages) * self.page_size
+        candidate = (starts < hi[:, None]) & (starts + self.page_size > lo[:, None])  # [B, P]
+        bound = jnp.where(candidate[:, None], bound, -jnp.inf)
+        _, top_pages = jax.lax.top_k(bound, min(pages, -(-self.selected // self.page_size)))
         token_idx = top_pages[..., None] * self.page_size + jnp.arange(self.page_size)
         token_idx = token_idx.reshape(b, hkv, -1)[..., : self.selected].astype(jnp.int32)
         valid = (token_idx >= lo[:, None, None]) & (token_idx < hi[:, None, None])
