@@ -1,0 +1,221 @@
+"""Hash encoders, scoring, and the hasher artifact: shapes, packing, exact scores, validation."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dashkv_jax.config import ModelConfig
+from dashkv_jax.errors import DashKVError
+from dashkv_jax.hasher_io import DEFAULT_HASHER, load_hasher, read_metadata, save_hasher
+from dashkv_jax.hashing import (
+    Hasher,
+    HasherConfig,
+    fit_input_stats,
+    group_scores,
+    signs,
+    simhash,
+)
+from pallas_kernels.packing import pack_bits
+
+LAYERS, HQ, HKV, D = 3, 6, 2, 16  # G = 3 query heads per KV head
+
+
+def _config(**overrides) -> HasherConfig:
+    return HasherConfig("toy", LAYERS, HQ, HKV, D, **{"bits": 64, **overrides})
+
+
+def _inputs(seed=0, n=5):
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(LAYERS, n, HKV, D)).astype(np.float32) + 0.5  # off-centre keys
+    q = rng.normal(size=(LAYERS, 4, HQ, D)).astype(np.float32)
+    return jnp.asarray(k), jnp.asarray(q)
+
+
+@pytest.mark.parametrize("kind", ["asymmetric", "symmetric", "simhash"])
+def test_shapes_and_per_layer_calls_match_the_stacked_call(kind):
+    hasher = Hasher(_config(kind=kind, query_depth=3, key_hidden=8), rngs=nnx.Rngs(0))
+    k, q = _inputs()
+    codes, q_codes, weights = (
+        hasher.encode_keys(k),
+        hasher.encode_queries(q),
+        hasher.query_weights(q),
+    )
+    assert codes.shape == (LAYERS, 5, HKV, 2) and codes.dtype == jnp.uint32
+    assert q_codes.shape == (LAYERS, 4, HQ, 2) and q_codes.dtype == jnp.uint32
+    assert weights.shape == (LAYERS, 4, HQ, 64) and float(jnp.max(jnp.abs(weights))) <= 1
+
+    @jax.jit
+    def traced(layer):  # the decode path: a traced layer index inside the layer scan
+        return hasher.encode_keys(k[layer], layer), hasher.query_weights(q[layer], layer)
+
+    for layer in range(LAYERS):
+        np.testing.assert_array_equal(hasher.encode_keys(k[layer], layer), codes[layer])
+        traced_codes, traced_weights = traced(layer)
+        np.testing.assert_array_equal(traced_codes, codes[layer])
+        np.testing.assert_allclose(traced_weights, weights[layer], atol=1e-6)
+
+
+def test_codes_are_the_packed_signs_of_the_logits():
+    hasher = Hasher(_config(), rngs=nnx.Rngs(1))
+    k, q = _inputs(1)
+    logits = hasher.key_logits(k)
+    np.testing.assert_array_equal(hasher.encode_keys(k), pack_bits(logits))
+    np.testing.assert_array_equal(signs(hasher.encode_keys(k)), jnp.where(logits > 0, 1.0, -1.0))
+    np.testing.assert_array_equal(
+        signs(hasher.encode_queries(q)), jnp.where(hasher.query_logits(q) > 0, 1.0, -1.0)
+    )
+
+
+def test_group_scores_are_the_design_formulas():
+    """hamming = sum_j (b - 2 popcount(q_j XOR k)); asymmetric = sum_j w_j . (2 bit - 1)."""
+    hasher = Hasher(_config(), rngs=nnx.Rngs(2))
+    k, q = _inputs(2)
+    layer = 1
+    k_codes = np.asarray(hasher.encode_keys(k[layer], layer))  # [T, Hkv, W]
+    q_codes = np.asarray(hasher.encode_queries(q[layer], layer))  # [Q, Hq, W]
+    weights = np.asarray(hasher.query_weights(q[layer], layer))  # [Q, Hq, b]
+    ham = np.asarray(group_scores(hasher, q[layer], jnp.asarray(k_codes), layer, "hamming"))
+    asym = np.asarray(group_scores(hasher, q[layer], jnp.asarray(k_codes), layer, "asymmetric"))
+    k_bits = np.unpackbits(k_codes.view(np.uint8), axis=-1, bitorder="little")  # [T, Hkv, b]
+    for h in range(HKV):
+        for qi in range(q_codes.shape[0]):
+            for t in range(k_codes.shape[0]):
+                heads = range(h * 3, h * 3 + 3)
+                xor = q_codes[qi, heads] ^ k_codes[t, h]  # [G, W]
+                popcount = sum(bin(int(w)).count("1") for w in xor.ravel())
+                assert ham[h, qi, t] == 3 * 64 - 2 * popcount
+                expected = sum(weights[qi, j] @ (2.0 * k_bits[t, h] - 1) for j in heads)
+                assert abs(asym[h, qi, t] - expected) < 1e-4
+
+
+def test_group_scores_equal_the_kernel_reference():
+    reference = pytest.importorskip("pallas_kernels.reference")
+    hasher = Hasher(_config(), rngs=nnx.Rngs(3))
+    k, q = _inputs(3, n=40)
+    layer = 2
+    k_codes = hasher.encode_keys(k[layer], layer)  # [T, Hkv, W]
+    ham = group_scores(hasher, q[layer], k_codes, layer, "hamming")[:, 0]  # [Hkv, T] query 0
+    asym = group_scores(hasher, q[layer], k_codes, layer, "asymmetric")[:, 0]
+    kernel_k = k_codes.transpose(1, 0, 2)[None]  # [1, Hkv, T, W]
+    kernel_q = hasher.encode_queries(q[layer, :1], layer).reshape(1, HKV, 3, -1)
+    lengths = jnp.array([40], jnp.int32)
+    np.testing.assert_array_equal(
+        reference.hamming_scores_reference(kernel_q, kernel_k, lengths)[0], ham.astype(jnp.int32)
+    )
+    kernel_w = hasher.query_weights(q[layer, :1], layer).reshape(1, HKV, 3, -1)
+    np.testing.assert_allclose(
+        reference.asymmetric_scores_reference(kernel_w, kernel_k, lengths)[0], asym, atol=1e-4
+    )
+
+
+def test_symmetric_queries_use_their_kv_heads_encoder():
+    hasher = Hasher(_config(kind="symmetric"), rngs=nnx.Rngs(4))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(LAYERS, 7, HKV, D)), jnp.float32)
+    as_queries = jnp.repeat(x, 3, axis=2)  # query head j sees what KV head j // 3 sees
+    np.testing.assert_array_equal(
+        hasher.encode_queries(as_queries), jnp.repeat(hasher.encode_keys(x), 3, axis=2)
+    )
+
+
+def test_simhash_is_a_scale_free_random_projection():
+    base = simhash(_config(), seed=5)
+    assert base.config.kind == "simhash" and base.config.scoring == "hamming"
+    k, q = _inputs(5)
+    np.testing.assert_array_equal(base.encode_keys(k), base.encode_keys(3.0 * k))
+    np.testing.assert_array_equal(base.encode_queries(q), base.encode_queries(0.1 * q))
+    assert not np.array_equal(base.encode_keys(k), simhash(_config(), seed=6).encode_keys(k))
+
+
+def test_fit_input_stats_centres_keys():
+    hasher = Hasher(_config(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    keys = rng.normal(3.0, 2.0, size=(2, LAYERS, 50, HKV, D)).astype(np.float32)
+    queries = rng.normal(0.0, 5.0, size=(20, LAYERS, HQ, D)).astype(np.float32)
+    fit_input_stats(hasher, keys, queries, sinks=4)
+    np.testing.assert_allclose(hasher.key_mean[...], keys[:, :, 4:].mean(axis=(0, 2)), atol=1e-5)
+    np.testing.assert_allclose(hasher.key_scale[...], 2.0, rtol=0.1)
+    np.testing.assert_allclose(hasher.query_scale[...], 5.0, rtol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"bits": 48}, "multiple of 32"),
+        ({"kind": "lsh"}, "kind"),
+        ({"query_depth": 5}, "query_depth"),
+        ({"scoring": "cosine"}, "scoring"),
+    ],
+)
+def test_bad_configs_are_refused(overrides, needle):
+    with pytest.raises(DashKVError, match=needle):
+        _config(**overrides)
+
+
+def _model_like(**overrides):
+    """An object with a `.config` like a loaded model's (validation reads nothing else)."""
+    config = ModelConfig(
+        vocab_size=10,
+        hidden_size=HQ * D,
+        intermediate_size=8,
+        num_layers=LAYERS,
+        num_heads=HQ,
+        num_kv_heads=HKV,
+        head_dim=D,
+        max_position=64,
+        name="toy",
+    )
+    return type("Model", (), {"config": dataclasses.replace(config, **overrides)})()
+
+
+def test_artifact_round_trip(tmp_path):
+    hasher = Hasher(_config(kind="asymmetric", query_depth=3), rngs=nnx.Rngs(7))
+    hasher.key_mean[...] = jnp.full(hasher.key_mean.shape, 0.25)
+    save_hasher(hasher, tmp_path / "h", metadata={"heldout": {"topk_recall": 0.5}})
+    loaded = load_hasher(tmp_path / "h", _model_like(), bits=64)
+    assert loaded.config == hasher.config
+    k, q = _inputs(7)
+    np.testing.assert_array_equal(loaded.encode_keys(k), hasher.encode_keys(k))
+    np.testing.assert_array_equal(loaded.query_weights(q), hasher.query_weights(q))
+    meta = read_metadata(tmp_path / "h")
+    assert meta["heldout"] == {"topk_recall": 0.5} and meta["config"]["bits"] == 64
+
+
+def test_a_mismatched_hasher_is_refused_naming_what_differs(tmp_path):
+    save_hasher(Hasher(_config(), rngs=nnx.Rngs(0)), tmp_path / "h")
+    other = _model_like(num_layers=4, head_dim=32, name="other")
+    with pytest.raises(DashKVError) as err:
+        load_hasher(tmp_path / "h", other)
+    message = str(err.value)
+    assert "num_layers 3 != 4" in message and "head_dim 16 != 32" in message
+    assert "model id 'toy' != 'other'" in message
+    with pytest.raises(DashKVError, match="bits 64 != 128"):
+        load_hasher(tmp_path / "h", _model_like(), bits=128)
+    # The same shape under another name loads when asked not to compare ids.
+    load_hasher(tmp_path / "h", _model_like(name="renamed"), check_model_id=False)
+
+
+def test_missing_or_damaged_artifacts_give_clear_errors(tmp_path):
+    with pytest.raises(DashKVError, match="no hasher at"):
+        load_hasher(tmp_path / "absent")
+    save_hasher(Hasher(_config(), rngs=nnx.Rngs(0)), tmp_path / "h")
+    meta = tmp_path / "h" / "hasher.json"
+    meta.write_text(json.dumps({"format": 99}))
+    with pytest.raises(DashKVError, match="not a format-1 hasher"):
+        load_hasher(tmp_path / "h")
+
+
+def test_the_shipped_hasher_fits_the_bundled_model(smollm2):
+    model, _ = smollm2
+    hasher = load_hasher(DEFAULT_HASHER, model)
+    c = hasher.config
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 9, 3, 64)
+    assert c.kind == "asymmetric" and c.bits == 128 and c.scoring == "asymmetric"
+    size = sum(f.stat().st_size for f in DEFAULT_HASHER.rglob("*") if f.is_file())
+    assert size < 20e6
+    meta = read_metadata(DEFAULT_HASHER)
+    assert meta["heldout"]["asymmetric-asymmetric"]["topk_recall"] > 0.85
