@@ -1,12 +1,13 @@
-"""The `dashkv` command: `dashkv info` and `dashkv generate`."""
+"""The `dashkv` command: `dashkv info`, `dashkv generate` and `dashkv recall`."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.loaders import DEFAULT_MODEL
-from dashkv_jax.methods import METHODS
+from dashkv_jax.methods import DEFAULT_CANDIDATES, METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +24,21 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A fraction of the context: "1/32", "0.03125"."""
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            value = float(numerator) / float(denominator)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a fraction like 1/32, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
     return value
 
 
@@ -70,7 +86,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         help="tokens attended per KV head and step: a fraction of the context (1/32) or a count",
     )
+    gen.add_argument(
+        "--hasher",
+        type=Path,
+        help="hasher artifact for hashed methods (dashkv default: the shipped one)",
+    )
+    gen.add_argument(
+        "--candidates",
+        default=DEFAULT_CANDIDATES,
+        help=f"coarse-filter output for hashed methods (default: {DEFAULT_CANDIDATES})",
+    )
+    _add_recall_parser(commands)
     return parser
+
+
+def _add_recall_parser(commands) -> None:
+    rec = commands.add_parser(
+        "recall",
+        help="how well hashed scores find the keys exact attention needs, per method",
+        description=(
+            "Run the model over the first --context tokens of a text file, capture post-RoPE q "
+            "and k, and for sampled query positions compare each method's top --candidates "
+            "keys with the oracle top --budget keys (sinks and the recent window excluded). "
+            "Prints top-k recall, IoU and attention-mass recall averaged over layers, heads "
+            "and positions."
+        ),
+    )
+    _add_model_arg(rec)
+    rec.add_argument("--hasher", type=Path, help="trained hasher folder (default: the shipped one)")
+    rec.add_argument("--symmetric", type=Path, help="a symmetric hasher to compare as well")
+    rec.add_argument("--text-file", type=Path, required=True, help="the text to run")
+    rec.add_argument("--context", type=_positive_int, default=1024, help="tokens (default 1024)")
+    rec.add_argument("--budget", type=_fraction, default=1 / 32, help="k / context (1/32)")
+    rec.add_argument("--candidates", type=_fraction, default=1 / 8, help="C / context (1/8)")
+    rec.add_argument("--queries", type=_positive_int, default=128, help="query positions (128)")
+    rec.add_argument(
+        "--min-position", type=_fraction, default=0.5, help="queries from this fraction on (1/2)"
+    )
+    rec.add_argument("--sinks", type=int, default=4, help="always-kept first tokens (4)")
+    rec.add_argument("--window", type=int, default=64, help="always-kept recent tokens (64)")
+    rec.add_argument("--seed", type=int, default=0, help="positions and SimHash seed (0)")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _info(args) -> None:
@@ -127,16 +183,51 @@ def _generate(args) -> None:
         chat=args.chat,
         attention=args.attention,
         budget=args.budget,
+        hasher=args.hasher,
+        candidates=args.candidates,
         seed=args.seed,
         on_text=on_text,
     )
     sys.stdout.write("\n")
 
 
+def _recall(args) -> None:
+    from dashkv_jax import recall
+    from dashkv_jax.hasher_io import default_hasher_path, read_metadata
+    from dashkv_jax.loaders import load_model
+
+    if not args.text_file.is_file():
+        raise DashKVError(f"no text file at {str(args.text_file)!r}")
+    hasher_path = args.hasher or default_hasher_path(args.model)
+    for path in (hasher_path, args.symmetric):
+        if path is not None:
+            read_metadata(path)  # fail before the slow model load
+    model, tokenizer = load_model(args.model)
+    report = recall.recall_report(
+        model,
+        tokenizer,
+        args.text_file.read_text(),
+        hasher=hasher_path,
+        symmetric=args.symmetric,
+        context=args.context,
+        budget=recall.Budget(args.budget, args.candidates),
+        queries=args.queries,
+        min_position=args.min_position,
+        sinks=args.sinks,
+        window=args.window,
+        seed=args.seed,
+    )
+    report["text_file"] = str(args.text_file)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(recall.format_report(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        {"info": _info, "generate": _generate}[args.command](args)
+        {"info": _info, "generate": _generate, "recall": _recall}[args.command](args)
     except (DashKVError, FileNotFoundError) as err:
         print(f"dashkv: error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from dashkv_jax.attention import Attention, FullAttention
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.methods import make_attention, parse_budget
+from dashkv_jax.methods import DEFAULT_CANDIDATES, make_attention, parse_budget
 from dashkv_jax.model import Llama
 from dashkv_jax.tokenizer import render_chat
 
@@ -105,13 +105,16 @@ def generate(
     chat: bool = False,
     attention: str | Attention = "full",
     budget: str | int | None = None,
+    hasher=None,
+    candidates: str | int = DEFAULT_CANDIDATES,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
     """Generate a continuation of `prompt` (optionally wrapped in the chat template) as text.
 
-    `attention` is a method name from `dashkv_jax.methods` (with `budget`: '1/32' of the final
-    context, or a token count) or an attention backend.
+    `attention` is a method name from `dashkv_jax.methods` or an attention backend. A name takes
+    `budget` and `candidates` ('1/32' of the final context, or token counts) and, for hashed
+    methods, `hasher` (an artifact path or a `Hasher`; `dashkv` defaults to the shipped one).
     """
     if chat:
         prompt = render_chat(model.chat_template, [{"role": "user", "content": prompt}])
@@ -120,7 +123,13 @@ def generate(
     if isinstance(attention, str):
         context = len(ids) + max_new_tokens
         tokens = None if budget is None else parse_budget(str(budget), context)
-        attention = make_attention(attention, tokens)
+        attention = make_attention(
+            attention,
+            tokens,
+            model,
+            hasher=hasher,
+            candidates=parse_budget(str(candidates), context),
+        )
     streamed: list[int] = []
 
     def on_token(tokens: np.ndarray):

@@ -2,9 +2,12 @@
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 from dashkv_jax.attention import Attention, FullAttention
 from dashkv_jax.errors import DashKVError
+from dashkv_jax.hashed import HashedAttention
+from dashkv_jax.hashing import Hasher, HasherConfig, simhash
 from dashkv_jax.sparse import OracleAttention, QuestAttention, SparseAttention, StreamingAttention
 
 BUDGETED = {
@@ -12,7 +15,10 @@ BUDGETED = {
     "streaming": StreamingAttention,
     "quest": QuestAttention,
 }
-METHODS = ("full", *BUDGETED)
+# Hashed selection, by the hasher kind each needs.
+HASHED = {"simhash": "simhash", "dashkv-symmetric": "symmetric", "dashkv": "asymmetric"}
+METHODS = ("full", *BUDGETED, *HASHED)
+DEFAULT_CANDIDATES = "1/8"
 
 
 def parse_budget(text: str, context: int) -> int:
@@ -30,11 +36,23 @@ def parse_budget(text: str, context: int) -> int:
     return tokens
 
 
-def make_attention(method: str, budget: int | None = None) -> Attention:
-    """The attention backend called `method`, keeping `budget` tokens per KV head and step."""
+def make_attention(
+    method: str,
+    budget: int | None = None,
+    model=None,
+    *,
+    hasher: Hasher | str | Path | None = None,
+    candidates: int | None = None,
+) -> Attention:
+    """The attention backend called `method`, keeping `budget` tokens per KV head and step.
+
+    Hashed methods need `model` (a `Llama`) and take `hasher` (a `Hasher` or an artifact path;
+    `dashkv` defaults to the shipped hasher of the bundled model; `simhash` builds random
+    projections with the same bits) and `candidates`, the coarse filter's output size.
+    """
     if method == "full":
         return FullAttention()
-    if method not in BUDGETED:
+    if method not in METHODS:
         raise DashKVError(f"unknown attention method {method!r} (known: {', '.join(METHODS)})")
     if budget is None:
         raise DashKVError(f"--attention {method} needs a --budget")
@@ -45,4 +63,35 @@ def make_attention(method: str, budget: int | None = None) -> Attention:
             f"budget of {budget} tokens leaves nothing to select beyond the {floor} sink and "
             "window tokens every method keeps"
         )
-    return BUDGETED[method](budget=budget)
+    if method in BUDGETED:
+        return BUDGETED[method](budget=budget)
+    hasher = _hasher_for(method, model, hasher)
+    selected = budget - floor
+    return HashedAttention(
+        budget=budget,
+        hasher=hasher,
+        candidates=max(candidates or 0, selected),
+        scoring=hasher.config.scoring,
+    )
+
+
+def _hasher_for(method: str, model, hasher) -> Hasher:
+    from dashkv_jax.hasher_io import DEFAULT_HASHER, load_hasher
+
+    if model is None:
+        raise DashKVError(f"--attention {method} needs the model its hasher must fit")
+    kind = HASHED[method]
+    if kind == "simhash" and not isinstance(hasher, Hasher):
+        bits = load_hasher(hasher, model).config.bits if hasher else 128
+        return simhash(HasherConfig.for_model(model.config, bits=bits))
+    if hasher is None:
+        if kind != "asymmetric":
+            raise DashKVError(f"--attention {method} needs --hasher PATH (a {kind} hasher)")
+        hasher = DEFAULT_HASHER  # shipped for the bundled model; load_hasher checks the fit
+    if not isinstance(hasher, Hasher):
+        hasher = load_hasher(hasher, model)
+    if hasher.config.kind != kind:
+        raise DashKVError(
+            f"--attention {method} needs a {kind} hasher, got a {hasher.config.kind} one"
+        )
+    return hasher

@@ -53,7 +53,7 @@ def topk_in_middle(scores: Array, lo: Array, hi: Array, k: int) -> tuple[Array, 
     return indices.astype(jnp.int32), values > -jnp.inf
 
 
-def _gather_rows(x: Array, indices: Array) -> Array:
+def gather_rows(x: Array, indices: Array) -> Array:
     """x [B, Hkv, S, D], indices [B, Hkv, K] -> [B, Hkv, K, D]."""
     return jnp.take_along_axis(x, indices[..., None], axis=2)
 
@@ -98,24 +98,40 @@ class SparseAttention(FullAttention):
         cache = write_prefill(cache, layer, k, v)
         if not self.teacher_forced:
             return causal_attention(q, k, v), cache
-        return jax.lax.cond(
+        b, t = q.shape[:2]
+        full = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.float32).mean(), (b, k.shape[2]))
+        out, attended = jax.lax.cond(
             layer < self.dense_layers,
-            lambda: causal_attention(q, k, v),
+            lambda: (causal_attention(q, k, v), full),
             lambda: self._attend_every_position(cache, layer, q),
-        ), cache
+        )
+        return out, self.record(cache, layer, attended)
 
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
         b, _, hq, d = q.shape
         qg = q.reshape(b, cache.k.shape[2], -1, d)
-        return jax.lax.cond(
+        everything = jnp.broadcast_to(cache.lengths[:, None] + 1.0, qg.shape[:2])
+        out, attended = jax.lax.cond(
             layer < self.dense_layers,
-            lambda: attend_all(cache, layer, q),
-            lambda: self.attend_critical(cache, layer, qg, cache.lengths).reshape(b, 1, hq, d),
-        ), cache
+            lambda: (attend_all(cache, layer, q), everything),
+            lambda: self._decode_critical(cache, layer, qg),
+        )
+        return out, self.record(cache, layer, attended)
 
-    def attend_critical(self, cache: KVCache, layer: Array, q: Array, pos: Array) -> Array:
-        """Exact attention over sinks + window + selected middle; q [B, Hkv, G, D] at pos [B]."""
+    def _decode_critical(self, cache, layer, qg):
+        out, attended = self.attend_critical(cache, layer, qg, cache.lengths)
+        return out.reshape(qg.shape[0], 1, -1, qg.shape[-1]), attended.astype(jnp.float32)
+
+    def record(self, cache, layer: Array, attended: Array):
+        """Keep tokens attended per KV head [B, Hkv] where the cache has room (see hashed.py)."""
+        return cache
+
+    def attend_critical(self, cache: KVCache, layer: Array, q: Array, pos: Array):
+        """Exact attention over sinks + window + selected middle; q [B, Hkv, G, D] at pos [B].
+
+        Returns (out [B, Hkv, G, D], tokens attended per KV head [B, Hkv] int32).
+        """
         b, hkv, _, d = q.shape
         lo, hi = middle_bounds(pos, self.sinks, self.window)
         middle, middle_ok = self.select(cache, layer, q, pos, lo, hi)
@@ -131,15 +147,18 @@ class SparseAttention(FullAttention):
         indices = jnp.concatenate([jnp.broadcast_to(fixed[:, None], per_head), middle], axis=2)
         ok = jnp.concatenate([jnp.broadcast_to(fixed_ok[:, None], per_head), middle_ok], axis=2)
         indices = jnp.where(ok, indices, 0)
-        keys = _gather_rows(cache.k[layer], indices)  # [B, Hkv, budget, D]
-        values = _gather_rows(cache.v[layer], indices)
+        keys = gather_rows(cache.k[layer], indices)  # [B, Hkv, budget, D]
+        values = gather_rows(cache.v[layer], indices)
         logits = jnp.einsum("bhgd,bhkd->bhgk", q, keys, preferred_element_type=jnp.float32)
         logits = jnp.where(ok[:, :, None, :], logits * d**-0.5, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        return jnp.einsum("bhgk,bhkd->bhgd", weights, values)
+        return jnp.einsum("bhgk,bhkd->bhgd", weights, values), ok.sum(-1, dtype=jnp.int32)
 
-    def _attend_every_position(self, cache: KVCache, layer: Array, q: Array) -> Array:
-        """Each prompt position t attends through the method to slots <= t; q [B,T,Hq,D]."""
+    def _attend_every_position(self, cache: KVCache, layer: Array, q: Array):
+        """Each prompt position t attends through the method to slots <= t; q [B,T,Hq,D].
+
+        Returns (out [B, T, Hq, D], mean tokens attended per KV head over positions [B, Hkv]).
+        """
         b, t, hq, d = q.shape
         hkv = cache.k.shape[2]
         chunk = min(self.query_chunk, t)
@@ -153,9 +172,10 @@ class SparseAttention(FullAttention):
             pos = jax.lax.dynamic_slice_in_dim(positions, start, chunk)
             return one_query(cache, layer, q_chunk, jnp.broadcast_to(pos[:, None], (chunk, b)))
 
-        out = jax.lax.map(chunk_out, jnp.arange(0, padded, chunk))  # [chunks, B, chunk, Hkv, G, D]
-        out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, padded, hq, d)
-        return out[:, :t]
+        out, attended = jax.lax.map(chunk_out, jnp.arange(0, padded, chunk))
+        out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, padded, hq, d)  # from [n, B, c, ...]
+        attended = attended.transpose(1, 0, 2, 3).reshape(b, padded, hkv)[:, :t]
+        return out[:, :t], attended.astype(jnp.float32).mean(axis=1)
 
 
 @struct.dataclass

@@ -11,6 +11,8 @@ from dashkv_jax import data
 from dashkv_jax.attention import KVCache
 from dashkv_jax.config import ModelConfig
 from dashkv_jax.errors import DashKVError
+from dashkv_jax.hashed import HashedAttention
+from dashkv_jax.hashing import HasherConfig, simhash
 from dashkv_jax.methods import parse_budget
 from dashkv_jax.model import decode_step, prefill
 from dashkv_jax.sparse import OracleAttention, QuestAttention, StreamingAttention
@@ -51,7 +53,7 @@ def _one_layer_cache(keys, values):
 
 def _decode(attention, cache, q):
     """Sparse decode of a query q [D] at layer 0 (dense_layers=0): -> [D]."""
-    out = attention.attend_critical(cache, jnp.asarray(0), q[None, None, None, :], cache.lengths)
+    out, _ = attention.attend_critical(cache, jnp.asarray(0), q[None, None, None, :], cache.lengths)
     return np.asarray(out[0, 0, 0])
 
 
@@ -152,7 +154,14 @@ def _decode_every_token(model, ids, cache, attention):
     return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], axis=1)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+def _simhash_dashkv(**kwargs):
+    """DASH-KV's hashed selection with an untrained 64-bit hasher shaped like the bundled model."""
+    config = HasherConfig("smollm2", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                          bits=64, kind="simhash")  # fmt: skip
+    return HashedAttention(hasher=simhash(config), candidates=48, tau=0.9, k_min=8, **kwargs)
+
+
+@pytest.mark.parametrize("method", [*METHODS, _simhash_dashkv], ids=lambda m: m.__name__.strip("_"))
 def test_teacher_forced_prefill_equals_stepwise_decode(smollm2, method):
     """Decode-mode evaluation in one pass computes what token-by-token decoding computes."""
     model, tokenizer = smollm2
@@ -160,8 +169,9 @@ def test_teacher_forced_prefill_equals_stepwise_decode(smollm2, method):
     ids = jnp.asarray(next(data.iter_token_windows(docs, tokenizer, 150))[None])
     budget = 100  # 4 sinks + 64 window + 32 selected: the middle is non-empty from position 100
     forced = method(budget=budget, teacher_forced=True, query_chunk=64)
-    logits, _ = prefill(model, ids, model.init_cache(1, 150), forced, all_logits=True)
-    expected = _decode_every_token(model, ids, model.init_cache(1, 150), method(budget=budget))
+    logits, _ = prefill(model, ids, model.init_cache(1, 150, forced), forced, all_logits=True)
+    stepwise = method(budget=budget)
+    expected = _decode_every_token(model, ids, model.init_cache(1, 150, stepwise), stepwise)
     # Same selections and math, summed in another order over 150 positions and 30 layers:
     # measured max difference 1.6e-4 on logits of magnitude ~20.
     np.testing.assert_allclose(logits[:, :-1], expected, atol=5e-4, rtol=0)
