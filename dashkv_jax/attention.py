@@ -5,6 +5,7 @@ returns the attention output. Swapping the backend (full, DASH-KV, a baseline) n
 model. Backends are pytrees, so their parameters (e.g. trained hashers) are traced jit arguments.
 """
 
+import dataclasses
 from typing import Any, Protocol
 
 import jax
@@ -86,7 +87,35 @@ def write_token(cache: KVCache, layer: Array, k: Array, v: Array) -> KVCache:
     )
 
 
-@struct.dataclass
+def backend(cls):
+    """Make an attention backend a frozen dataclass and a pytree whose structure names its class.
+
+    Like `flax.struct.dataclass` (fields marked `struct.field(pytree_node=False)` are static), but
+    registered as a plain custom node: JAX compares `register_dataclass` tree structures by their
+    static fields alone, ignoring the class, so jit could hand OracleAttention(budget=96) the
+    function compiled for StreamingAttention(budget=96).
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    children = tuple(f.name for f in fields if f.metadata.get("pytree_node", True))
+    static = tuple(f.name for f in fields if not f.metadata.get("pytree_node", True))
+
+    def flatten_with_keys(x):
+        keyed = [(jax.tree_util.GetAttrKey(name), getattr(x, name)) for name in children]
+        return keyed, tuple(getattr(x, name) for name in static)
+
+    def unflatten(static_values, child_values):
+        x = object.__new__(cls)  # no __post_init__: leaves may be tracers or placeholders
+        for name, value in zip(children + static, (*child_values, *static_values), strict=True):
+            object.__setattr__(x, name, value)
+        return x
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten)
+    cls.replace = dataclasses.replace
+    return cls
+
+
+@backend
 class FullAttention:
     """Exact attention over every cached token: the reference every other backend is judged by."""
 

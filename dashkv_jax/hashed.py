@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
-from dashkv_jax.attention import KVCache
+from dashkv_jax.attention import KVCache, backend
 from dashkv_jax.config import ModelConfig
 from dashkv_jax.hashing import Hasher
 from dashkv_jax.sparse import SparseAttention, gather_rows
@@ -55,7 +55,7 @@ class CodeCache(KVCache):
         )
 
 
-@struct.dataclass
+@backend
 class HashedAttention(SparseAttention):
     """Hashed coarse filter + exact fine ranking with an adaptive, mass-based cut.
 

@@ -20,6 +20,7 @@ from dashkv_jax.attention import (
     FullAttention,
     KVCache,
     attend_all,
+    backend,
     causal_attention,
     write_prefill,
     write_token,
@@ -58,7 +59,7 @@ def gather_rows(x: Array, indices: Array) -> Array:
     return jnp.take_along_axis(x, indices[..., None], axis=2)
 
 
-@struct.dataclass
+@backend
 class SparseAttention(FullAttention):
     """Base of the token-budget methods; subclasses implement `select`.
 
@@ -178,7 +179,7 @@ class SparseAttention(FullAttention):
         return out[:, :t], attended.astype(jnp.float32).mean(axis=1)
 
 
-@struct.dataclass
+@backend
 class OracleAttention(SparseAttention):
     """Exact top-k by the group's attention mass: the ceiling any selection can reach."""
 
@@ -188,7 +189,7 @@ class OracleAttention(SparseAttention):
         return topk_in_middle(mass, lo, hi, self.selected)
 
 
-@struct.dataclass
+@backend
 class StreamingAttention(SparseAttention):
     """StreamingLLM: sinks + the most recent tokens, the whole budget spent on recency."""
 
@@ -200,7 +201,7 @@ class StreamingAttention(SparseAttention):
         )
 
 
-@struct.dataclass
+@backend
 class QuestAttention(SparseAttention):
     """Quest: pages of keys ranked by an upper bound of q.k from their per-dimension min/max.
 

@@ -27,9 +27,6 @@ def test_full_attention_equals_the_plain_forward(smollm2, ids):
     assert result["tokens"] == 400 and result["mean_attended"] is None
 
 
-# Quarantined with tests/test_sparse.py's teacher-forced test: in the full suite streaming@96
-# returned oracle@96's perplexity exactly (same bug). A fix must remove this mark.
-@pytest.mark.xfail(reason="known bug: methods mixed up after earlier tests", strict=False)
 def test_budgets_order_the_methods(smollm2, ids):
     """Covering the context costs nothing; a small budget costs more with recency than oracle."""
     model, _ = smollm2
