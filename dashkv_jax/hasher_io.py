@@ -27,9 +27,11 @@ from dashkv_jax.loaders import DEFAULT_MODEL
 FORMAT = 1
 METADATA_FILE = "hasher.json"
 PARAMS_DIR = "params"
-# The trained hasher of the bundled model, shipped in the repository.
+# The trained hashers of the bundled model, shipped in the repository (b = 128): DASH-KV's
+# asymmetric one, the default, and the symmetric (Spotlight-style) baseline.
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_HASHER = CHECKPOINTS / DEFAULT_MODEL
+DEFAULT_SYMMETRIC_HASHER = CHECKPOINTS / f"{DEFAULT_MODEL}-symmetric"
 
 
 def default_hasher_path(model: str = DEFAULT_MODEL) -> Path:

@@ -47,8 +47,9 @@ def make_attention(
     """The attention backend called `method`, keeping `budget` tokens per KV head and step.
 
     Hashed methods need `model` (a `Llama`) and take `hasher` (a `Hasher` or an artifact path;
-    `dashkv` defaults to the shipped hasher of the bundled model; `simhash` builds random
-    projections with the same bits) and `candidates`, the coarse filter's output size.
+    `dashkv` and `dashkv-symmetric` default to the hashers shipped for the bundled model;
+    `simhash` builds random projections with the same bits) and `candidates`, the coarse
+    filter's output size.
     """
     if method == "full":
         return FullAttention()
@@ -56,8 +57,7 @@ def make_attention(
         raise DashKVError(f"unknown attention method {method!r} (known: {', '.join(METHODS)})")
     if budget is None:
         raise DashKVError(f"--attention {method} needs a --budget")
-    defaults = SparseAttention.__dataclass_fields__
-    floor = defaults["sinks"].default + defaults["window"].default
+    floor = SparseAttention.sinks + SparseAttention.window  # the dataclass defaults
     if budget <= floor:
         raise DashKVError(
             f"budget of {budget} tokens leaves nothing to select beyond the {floor} sink and "
@@ -76,7 +76,7 @@ def make_attention(
 
 
 def _hasher_for(method: str, model, hasher) -> Hasher:
-    from dashkv_jax.hasher_io import DEFAULT_HASHER, load_hasher
+    from dashkv_jax.hasher_io import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER, load_hasher
 
     if model is None:
         raise DashKVError(f"--attention {method} needs the model its hasher must fit")
@@ -84,10 +84,8 @@ def _hasher_for(method: str, model, hasher) -> Hasher:
     if kind == "simhash" and not isinstance(hasher, Hasher):
         bits = load_hasher(hasher, model).config.bits if hasher else 128
         return simhash(HasherConfig.for_model(model.config, bits=bits))
-    if hasher is None:
-        if kind != "asymmetric":
-            raise DashKVError(f"--attention {method} needs --hasher PATH (a {kind} hasher)")
-        hasher = DEFAULT_HASHER  # shipped for the bundled model; load_hasher checks the fit
+    if hasher is None:  # the ones shipped for the bundled model; load_hasher checks the fit
+        hasher = DEFAULT_HASHER if kind == "asymmetric" else DEFAULT_SYMMETRIC_HASHER
     if not isinstance(hasher, Hasher):
         hasher = load_hasher(hasher, model)
     if hasher.config.kind != kind:

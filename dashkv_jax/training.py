@@ -15,6 +15,14 @@ per-layer scale; the loss is the mean over pairs of the asymmetric term plus `ha
 times the hamming term, plus `balance_weight` times the bit balance (the squared mean of each
 bit's tanh over sampled keys and over queries).
 
+Positions. Hashers learn the positions they are trained at: trained on 1024-token windows they
+fall below SimHash at a 4096-token context. Train at the context you decode at. An option,
+`max_shift`, moves each sample's window a random Δ later (keys and queries rotated by Δ; RoPE
+attention depends on relative positions only, so the targets stay exact). It covers absolute
+positions but not longer relative distances; measured on the bundled model (1024-token
+windows, Δ up to 7168) it trades recall at 1024 (0.949 -> 0.911) for recall at 2048 (0.812 ->
+0.855) and 4096 (0.655 -> 0.717), so it is off by default.
+
 Step. One `jax.jit` with explicit input and output shardings over a ("data", "layer") mesh:
 samples split over "data", every per-layer array (parameters, optimizer moments, keys) split
 over "layer". The same code runs on one CPU, 8 simulated CPU devices, a GPU or a pod slice.
@@ -48,6 +56,7 @@ from dashkv_jax.capture import CaptureConfig, Captured, Targets
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing import Hasher, HasherConfig, fit_input_stats
 from dashkv_jax.loaders import DEFAULT_MODEL
+from dashkv_jax.model import rope_frequencies
 
 Array = jax.Array
 
@@ -68,6 +77,9 @@ class TrainConfig:
     negatives: int = 32  # uniformly sampled eligible keys per (query, layer, KV head)
     hamming_weight: float = 0.5
     balance_weight: float = 0.1
+    # RoPE position augmentation: each sample's keys and queries rotate by one offset drawn from
+    # [0, max_shift] (-1: up to the model's context minus the window; 0: off, the default)
+    max_shift: int = 0
     # optimiser
     steps: int = 600
     batch_size: int = 16  # sampled queries per step, each for all layers and KV heads
@@ -89,6 +101,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.kind not in ("asymmetric", "symmetric"):
             raise DashKVError(f"can train 'asymmetric' or 'symmetric' hashers, got {self.kind!r}")
+        if self.bits < 32 or self.bits % 32:
+            raise DashKVError(f"bits must be a positive multiple of 32, got {self.bits}")
         for name in ("steps", "batch_size", "positives", "negatives", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise DashKVError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,6 +153,18 @@ def _pair_loss(scores: Array, probs: Array, positives: int, scale: Array) -> Arr
     )
 
 
+def shift_positions(x: Array, offset: Array, inv_freq: Array) -> Array:
+    """Post-RoPE vectors x [..., D] moved `offset` [...] positions later (rotate-half RoPE).
+
+    RoPE rotates each pair (i, i + D/2) by position * inv_freq[i], so moving a token later is
+    one more rotation; a query and a key moved by the same offset keep their dot product.
+    """
+    angles = offset[..., None].astype(jnp.float32) * inv_freq  # [..., D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 def loss_fn(
     trainee: Trainee,
     keys: Array,  # [C, L, T, Hkv, D] training windows' keys
@@ -147,6 +173,8 @@ def loss_fn(
     config: TrainConfig,
     sinks: int,
     window: int,
+    inv_freq: Array | None = None,  # [D/2] the model's RoPE frequencies (for max_shift)
+    max_shift: int = 0,
 ) -> tuple[Array, dict]:
     c = trainee.hasher.config
     num_layers, hkv, g, d = c.num_layers, c.num_kv_heads, c.group_size, c.head_dim
@@ -168,6 +196,14 @@ def loss_fn(
     logits = jnp.einsum("lbhgd,lbjhd->lbjhg", qg, gathered) * d**-0.5
     lse = batch["lse"].transpose(1, 0, 2).reshape(num_layers, b, 1, hkv, g)
     probs = jnp.sum(jnp.exp(logits - lse), axis=-1)  # [L, B, J, Hkv]
+
+    if max_shift > 0:
+        # Attention depends on relative positions only, so the window moved later in the
+        # context has the same targets: the encoders learn keys and queries at every position
+        # up to the model's context without running the model that long.
+        offset = jax.random.randint(jax.random.fold_in(rng, 1), (b,), 0, max_shift + 1)
+        gathered = shift_positions(gathered, offset[None, :, None, None], inv_freq)
+        queries = shift_positions(queries, offset[None, :, None], inv_freq)
 
     # Relaxed hashed scores.
     k_logits = trainee.hasher.key_logits(gathered)  # [L, B, J, Hkv, bits]
@@ -251,16 +287,19 @@ def put(array: np.ndarray, sharding: NamedSharding) -> Array:
 _COMPILED_STEPS: dict = {}
 
 
-def _jit_train_step(graphdef, state, config: TrainConfig, mesh, sinks: int, window: int):
+def _jit_train_step(graphdef, state, config, mesh, sinks, window, inv_freq, max_shift):
     """(the jitted step, its graphdef, the state's shardings) for one config and mesh."""
     state_sharding = state_shardings(state, mesh)
     base_rng = jax.random.key(config.seed)
+    inv_freq = None if inv_freq is None else jnp.asarray(inv_freq, jnp.float32)
 
     def train_step(state, keys, batch):
         trainee, optimizer = nnx.merge(graphdef, state)
-        rng = jax.random.fold_in(base_rng, optimizer.step[...])  # the step's own negatives
+        rng = jax.random.fold_in(base_rng, optimizer.step[...])  # the step's own samples
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-        (loss, parts), grads = grad_fn(trainee, keys, batch, rng, config, sinks, window)
+        (loss, parts), grads = grad_fn(
+            trainee, keys, batch, rng, config, sinks, window, inv_freq, max_shift
+        )
         optimizer.update(trainee, grads)
         metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
         return nnx.state((trainee, optimizer)), metrics
@@ -277,8 +316,22 @@ def _jit_train_step(graphdef, state, config: TrainConfig, mesh, sinks: int, wind
 class Stepper:
     """The compiled train step and the sharded state it updates."""
 
-    def __init__(self, trainee: Trainee, config: TrainConfig, mesh, *, sinks=4, window=64):
+    def __init__(
+        self,
+        trainee: Trainee,
+        config: TrainConfig,
+        mesh,
+        *,
+        sinks: int = 4,
+        window: int = 64,
+        inv_freq: np.ndarray | None = None,
+        max_shift: int = 0,
+    ):
+        """`inv_freq` [D/2] (the model's RoPE frequencies) is needed when `max_shift` > 0."""
         self.config, self.mesh = config, mesh
+        if max_shift > 0 and inv_freq is None:
+            raise DashKVError("position shifts need the model's RoPE frequencies (inv_freq)")
+        rope = None if inv_freq is None else tuple(np.asarray(inv_freq, np.float32).tolist())
         c = trainee.hasher.config
         if c.num_layers % mesh.shape["layer"]:
             raise DashKVError(
@@ -291,9 +344,11 @@ class Stepper:
             )
         optimizer = make_optimizer(trainee, config)
         graphdef, state = nnx.split((trainee, optimizer))
-        key = (config, c, sinks, window, mesh, jax.tree.structure(state))
+        key = (config, c, sinks, window, rope, max_shift, mesh, jax.tree.structure(state))
         if key not in _COMPILED_STEPS:  # equal configs share one compiled step
-            _COMPILED_STEPS[key] = _jit_train_step(graphdef, state, config, mesh, sinks, window)
+            _COMPILED_STEPS[key] = _jit_train_step(
+                graphdef, state, config, mesh, sinks, window, rope, max_shift
+            )
         self._step, self.graphdef, self.state_sharding = _COMPILED_STEPS[key]
         self.state = jax.tree.map(lambda x, s: put(np.asarray(x), s), state, self.state_sharding)
 
@@ -629,7 +684,17 @@ def run(
     train_queries = train.queries.reshape(-1, *train.queries.shape[2:])
     fit_input_stats(trainee.hasher, train.keys, train_queries, sinks=data.sinks)
     mesh = make_mesh(tc)
-    stepper = Stepper(trainee, tc, mesh, sinks=data.sinks, window=data.window)
+    mc = model.config
+    max_shift = tc.max_shift if tc.max_shift >= 0 else mc.max_position - data.context
+    stepper = Stepper(
+        trainee,
+        tc,
+        mesh,
+        sinks=data.sinks,
+        window=data.window,
+        inv_freq=np.asarray(rope_frequencies(mc.head_dim, mc.rope_theta, mc.rope_scaling)),
+        max_shift=max(0, max_shift),
+    )
     keys = put(train.keys, keys_sharding(mesh))
     batches = Batches(train, targets, tc.batch_size, tc.seed)
     evaluate = functools.partial(

@@ -11,7 +11,13 @@ from flax import nnx
 
 from dashkv_jax.config import ModelConfig
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hasher_io import DEFAULT_HASHER, load_hasher, read_metadata, save_hasher
+from dashkv_jax.hasher_io import (
+    DEFAULT_HASHER,
+    DEFAULT_SYMMETRIC_HASHER,
+    load_hasher,
+    read_metadata,
+    save_hasher,
+)
 from dashkv_jax.hashing import (
     Hasher,
     HasherConfig,
@@ -219,3 +225,5 @@ def test_the_shipped_hasher_fits_the_bundled_model(smollm2):
     assert size < 20e6
     meta = read_metadata(DEFAULT_HASHER)
     assert meta["heldout"]["asymmetric-asymmetric"]["topk_recall"] > 0.85
+    symmetric = load_hasher(DEFAULT_SYMMETRIC_HASHER, model)
+    assert symmetric.config.kind == "symmetric" and symmetric.config.bits == 128

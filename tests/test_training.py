@@ -17,6 +17,7 @@ from dashkv_jax.capture import CaptureConfig, Captured, capture, oracle_targets
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hasher_io import load_hasher, read_metadata
 from dashkv_jax.hashing import fit_input_stats, simhash
+from dashkv_jax.model import apply_rope, rope_frequencies
 from dashkv_jax.recall import evaluate
 from dashkv_jax.training import (
     Batches,
@@ -29,6 +30,7 @@ from dashkv_jax.training import (
     make_mesh,
     put,
     run,
+    shift_positions,
 )
 
 TRAIN = CaptureConfig(split="train", context=512, contexts=3, queries_per_context=48)
@@ -95,16 +97,10 @@ def test_loss_falls_and_the_learned_hasher_beats_simhash(sliced):
     for scoring in ("hamming", "asymmetric"):
         metrics[scoring] = evaluate(hasher, heldout, k=K, candidates=CANDIDATES, scoring=scoring)
     recall = {name: m["topk_recall"] for name, m in metrics.items()}
-    print(
-        {
-            name: (round(m["topk_recall"], 4), round(m["mass_recall"], 4))
-            for name, m in metrics.items()
-        }
-    )
-    # Measured on this setting (4 layers, 64 bits): top-k recall SimHash 0.626, hamming 0.827,
-    # asymmetric 0.839 (2-core CPU, 2026-11-22). The asserted margins sit well below.
-    assert recall["asymmetric"] > recall["simhash"] + 0.10, recall
-    assert recall["hamming"] > recall["simhash"] + 0.08, recall
+    # Measured here (4 layers, 64 bits, 120 steps; k=16, C=64 of 512 tokens): SimHash 0.626,
+    # learned hamming 0.827, learned asymmetric 0.839. The asserted margins sit well below.
+    assert recall["asymmetric"] > recall["simhash"] + 0.12, recall
+    assert recall["hamming"] > recall["simhash"] + 0.10, recall
     assert metrics["asymmetric"]["mass_recall"] > metrics["simhash"]["mass_recall"], metrics
 
 
@@ -223,3 +219,24 @@ def test_launcher_configs_and_overrides():
     t = pod.train
     assert pod.train_data.context == 8192 and 32 % t.layer_parallel == 0
     assert t.batch_size % t.data_parallel == 0 and t.data_parallel * t.layer_parallel == 32
+
+
+def test_shifting_positions_is_rope_at_a_later_position():
+    inv_freq = rope_frequencies(64, 100000.0, None)
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(2, 5, 3, 64)).astype(np.float32)  # [B, T, H, D] before RoPE
+    positions = np.arange(5)[None] + np.array([[0], [40]])  # [B, T]
+    offset = np.array([[700], [3000]])  # [B, 1]
+    rotated = apply_rope(raw, positions, inv_freq)
+    shifted = shift_positions(rotated, np.broadcast_to(offset[..., None], (2, 5, 3)), inv_freq)
+    np.testing.assert_allclose(shifted, apply_rope(raw, positions + offset, inv_freq), atol=1e-3)
+    # The same shift on both sides keeps every dot product: the targets stay exact.
+    # (Tolerances: float32 angles of ~3000 radians.)
+    q, k = rotated[:, :1], rotated[:, 1:]
+    q_moved = shift_positions(q, np.broadcast_to(offset[..., None], (2, 1, 3)), inv_freq)
+    k_moved = shift_positions(k, np.broadcast_to(offset[..., None], (2, 4, 3)), inv_freq)
+    np.testing.assert_allclose(
+        np.einsum("bqhd,bkhd->bhqk", q_moved, k_moved),
+        np.einsum("bqhd,bkhd->bhqk", q, k),
+        atol=2e-4,
+    )
