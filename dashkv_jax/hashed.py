@@ -100,40 +100,60 @@ class HashedAttention(SparseAttention):
 
     def coarse_scores(self, cache: CodeCache, layer: Array, q: Array, hi: Array) -> Array:
         """Hashed scores of every slot below hi; q [B, Hkv, G, D] -> [B, Hkv, S]."""
+        return self.score_codes(self.encode_query(q, layer), cache.codes[layer], hi)
+
+    def encode_query(self, q: Array, layer: Array) -> Array:
+        """q [B, Hkv, G, D] -> packed codes [B, Hkv, G, W] (hamming) or weights [B, Hkv, G, b]."""
         b, hkv, g, d = q.shape
         flat = q.reshape(b, hkv * g, d)
         if self.scoring == "hamming":
-            q_codes = self.hasher.encode_queries(flat, layer).reshape(b, hkv, g, -1)
-            return pallas_kernels.hamming_scores(
-                q_codes, cache.codes[layer], hi, implementation=self.implementation
-            )
-        weights = self.hasher.query_weights(flat, layer).reshape(b, hkv, g, -1)
-        return pallas_kernels.asymmetric_scores(
-            weights, cache.codes[layer], hi, implementation=self.implementation
+            return self.hasher.encode_queries(flat, layer).reshape(b, hkv, g, -1)
+        return self.hasher.query_weights(flat, layer).reshape(b, hkv, g, -1)
+
+    def score_codes(self, query: Array, codes: Array, lengths: Array) -> Array:
+        """An encoded query against key codes [B, Hkv, N, W]; slots >= lengths [B] get the
+        sentinel -> [B, Hkv, N] (int32 hamming or float32 asymmetric)."""
+        scorer = (
+            pallas_kernels.hamming_scores
+            if self.scoring == "hamming"
+            else pallas_kernels.asymmetric_scores
         )
+        return scorer(query, codes, lengths, implementation=self.implementation)
 
     def select(self, cache, layer, q, pos, lo, hi):
-        scores = self.coarse_scores(cache, layer, q, hi)
-        sentinel = (
-            pallas_kernels.HAMMING_SENTINEL
-            if scores.dtype == jnp.int32
-            else pallas_kernels.ASYMMETRIC_SENTINEL
+        scores = exclude_below(
+            self.coarse_scores(cache, layer, q, hi), jnp.arange(cache.max_len), lo
         )
-        slots = jnp.arange(scores.shape[-1])
-        scores = jnp.where((slots < lo[:, None])[:, None, :], sentinel, scores)  # no sinks
         n_candidates = min(self.candidates, scores.shape[-1])  # a short cache has fewer slots
         _, candidates = pallas_kernels.select_topk(scores, n_candidates)  # [B, Hkv, C]
-        real = (candidates >= lo[:, None, None]) & (candidates < hi[:, None, None])
-
-        # Fine ranking: the group's softmax mass among the candidates, from exact q.k.
         keys = gather_rows(cache.k[layer], candidates)  # [B, Hkv, C, D]
         logits = jnp.einsum("bhgd,bhcd->bhgc", q, keys, preferred_element_type=jnp.float32)
-        logits = jnp.where(real[:, :, None, :], logits * q.shape[-1] ** -0.5, -jnp.inf)
+        return self.fine_cut(candidates, logits * q.shape[-1] ** -0.5, lo, hi)
+
+    def fine_cut(self, candidates: Array, logits: Array, lo: Array, hi: Array):
+        """Fine ranking of the coarse candidates [B, Hkv, C] (best first) by their exact scaled
+        logits [B, Hkv, G, C]: the group's softmax mass among them, cut adaptively.
+
+        Returns (indices, valid) [B, Hkv, min(selected, C)]; indices are 0 where not valid.
+        """
+        real = (candidates >= lo[:, None, None]) & (candidates < hi[:, None, None])
+        logits = jnp.where(real[:, :, None, :], logits, -jnp.inf)
         mass = jnp.nan_to_num(jax.nn.softmax(logits, axis=-1)).sum(axis=2)  # [B, Hkv, C]
-        k_max = min(self.selected, n_candidates)
+        k_max = min(self.selected, candidates.shape[-1])
         top_mass, order = jax.lax.top_k(mass, k_max)  # [B, Hkv, k_max]
 
         keep = adaptive_cut(top_mass, mass.sum(-1, keepdims=True), self.tau, self.k_min)
         indices = jnp.take_along_axis(candidates, order, axis=-1)
         valid = keep & jnp.take_along_axis(real, order, axis=-1)
         return jnp.where(valid, indices, 0).astype(jnp.int32), valid
+
+
+def exclude_below(scores: Array, slots: Array, lo: Array) -> Array:
+    """Scores [B, Hkv, N] of slots [N] (cache positions) below lo [B] set to the sentinel, so
+    the sinks are never candidates."""
+    sentinel = (
+        pallas_kernels.HAMMING_SENTINEL
+        if scores.dtype == jnp.int32
+        else pallas_kernels.ASYMMETRIC_SENTINEL
+    )
+    return jnp.where((slots[None, :] < lo[:, None])[:, None, :], sentinel, scores)

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -138,6 +139,12 @@ def load_hasher(
         raise DashKVError(f"the hasher at {str(path)!r} has {config.bits} bits, not {bits}")
     abstract = nnx.eval_shape(lambda: Hasher(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
+    # On this process's first device: with several processes (jax.distributed), each restores
+    # its own copy instead of Orbax assembling global arrays.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), abstract_state
+    )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             state = checkpointer.restore(path / PARAMS_DIR, abstract_state)

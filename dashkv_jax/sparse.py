@@ -133,9 +133,23 @@ class SparseAttention(FullAttention):
 
         Returns (out [B, Hkv, G, D], tokens attended per KV head [B, Hkv] int32).
         """
-        b, hkv, _, d = q.shape
+        d = q.shape[-1]
         lo, hi = middle_bounds(pos, self.sinks, self.window)
         middle, middle_ok = self.select(cache, layer, q, pos, lo, hi)
+        indices, ok = self.critical_set(middle, middle_ok, pos, hi)
+        keys = gather_rows(cache.k[layer], indices)  # [B, Hkv, budget, D]
+        values = gather_rows(cache.v[layer], indices)
+        logits = jnp.einsum("bhgd,bhkd->bhgk", q, keys, preferred_element_type=jnp.float32)
+        logits = jnp.where(ok[:, :, None, :], logits * d**-0.5, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        return jnp.einsum("bhgk,bhkd->bhgd", weights, values), ok.sum(-1, dtype=jnp.int32)
+
+    def critical_set(self, middle: Array, middle_ok: Array, pos: Array, hi: Array):
+        """Sinks + window + the selected middle [B, Hkv, selected], for new tokens at pos [B].
+
+        Returns (indices, ok) [B, Hkv, S + R + selected]; indices are 0 where not ok.
+        """
+        b, hkv = middle.shape[:2]
         sink_idx = jnp.broadcast_to(jnp.arange(self.sinks), (b, self.sinks))
         window_idx = pos[:, None] - self.window + 1 + jnp.arange(self.window)  # [B, R]
         fixed = jnp.concatenate([sink_idx, window_idx], axis=1)  # [B, S + R]
@@ -147,13 +161,7 @@ class SparseAttention(FullAttention):
         per_head = (b, hkv, fixed.shape[1])
         indices = jnp.concatenate([jnp.broadcast_to(fixed[:, None], per_head), middle], axis=2)
         ok = jnp.concatenate([jnp.broadcast_to(fixed_ok[:, None], per_head), middle_ok], axis=2)
-        indices = jnp.where(ok, indices, 0)
-        keys = gather_rows(cache.k[layer], indices)  # [B, Hkv, budget, D]
-        values = gather_rows(cache.v[layer], indices)
-        logits = jnp.einsum("bhgd,bhkd->bhgk", q, keys, preferred_element_type=jnp.float32)
-        logits = jnp.where(ok[:, :, None, :], logits * d**-0.5, -jnp.inf)
-        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        return jnp.einsum("bhgk,bhkd->bhgd", weights, values), ok.sum(-1, dtype=jnp.int32)
+        return jnp.where(ok, indices, 0), ok
 
     def _attend_every_position(self, cache: KVCache, layer: Array, q: Array):
         """Each prompt position t attends through the method to slots <= t; q [B,T,Hq,D].
