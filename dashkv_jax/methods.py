@@ -65,7 +65,7 @@ def make_attention(
         )
     if method in BUDGETED:
         return BUDGETED[method](budget=budget)
-    hasher = _hasher_for(method, model, hasher)
+    hasher = method_hasher(method, model, hasher)
     selected = budget - floor
     return HashedAttention(
         budget=budget,
@@ -75,7 +75,10 @@ def make_attention(
     )
 
 
-def _hasher_for(method: str, model, hasher) -> Hasher:
+def method_hasher(method: str, model, hasher) -> Hasher:
+    """The hasher hashed `method` runs with: `hasher` (a `Hasher` or an artifact path, checked
+    against `model`), else the one shipped for the bundled model (random projections for
+    `simhash`)."""
     from dashkv_jax.hasher_io import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER, load_hasher
 
     if model is None:
