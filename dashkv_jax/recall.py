@@ -10,6 +10,10 @@ For one (query position, layer, KV head), with a budget of k keys and C >= k can
 
 top-k recall = |O ∩ candidates| / k. The candidates are re-ranked exactly afterwards, so this
 bounds the quality of the selection.
+
+Quest, the page-bound baseline, is scored the same way with `scoring="quest"`: each key gets its
+page's upper bound of q.k (pages of 16, the best query head of the group) and the candidates are
+its final choice (C = k, no exact re-ranking), as `sparse.QuestAttention` decodes.
 IoU = |S ∩ O| / |S ∪ O|.
 attention-mass recall = (attention mass on S) / (attention mass on O), both in the group
 attention over the eligible keys.
@@ -34,6 +38,7 @@ from dashkv_jax.hashing import Hasher, group_scores
 
 Array = jax.Array
 METRICS = ("topk_recall", "iou", "mass_recall")
+QUEST_PAGE = 16
 
 
 def _membership(indices: Array, n: int) -> Array:
@@ -90,7 +95,11 @@ def _context_metrics(
     def one_layer(xs):
         layer, k_layer, q_layer = xs  # [], [T, Hkv, D], [Q, Hq, D]
         probs, _ = group_attention(q_layer[None], k_layer[None], eligible)  # [1, Hkv, Q, T]
-        scores = group_scores(hasher, q_layer, hasher.encode_keys(k_layer, layer), layer, scoring)
+        if scoring == "quest":
+            scores = quest_bounds(q_layer, k_layer)
+        else:
+            codes = hasher.encode_keys(k_layer, layer)
+            scores = group_scores(hasher, q_layer, codes, layer, scoring)
         metrics = selection_metrics(
             probs[0], scores, eligible[None], k=k, candidates=candidates
         )  # [Hkv, Q, 3]
@@ -98,6 +107,22 @@ def _context_metrics(
 
     layers = jnp.arange(keys.shape[0])
     return jax.lax.map(one_layer, (layers, keys, queries.transpose(1, 0, 2, 3)))
+
+
+def quest_bounds(queries: Array, keys: Array, page: int = QUEST_PAGE) -> Array:
+    """Quest's score of every key: its page's upper bound of q.k, the best query head of the
+    KV group. queries [Q, Hq, D], keys [T, Hkv, D] -> [Hkv, Q, T]."""
+    t, hkv, d = keys.shape
+    pages = -(-t // page)
+    padded = jnp.pad(keys, ((0, pages * page - t), (0, 0), (0, 0)), mode="edge")
+    paged = padded.reshape(pages, page, hkv, d)
+    upper, lower = paged.max(axis=1), paged.min(axis=1)  # [P, Hkv, D]
+    qg = queries.reshape(queries.shape[0], hkv, -1, 1, d)  # [Q, Hkv, G, 1, D]
+    bound = jnp.maximum(
+        qg * upper.transpose(1, 0, 2)[None, :, None], qg * lower.transpose(1, 0, 2)[None, :, None]
+    )
+    bound = bound.sum(axis=-1).max(axis=2)  # [Q, Hkv, P]
+    return jnp.repeat(bound, page, axis=-1)[..., :t].transpose(1, 0, 2)
 
 
 def check_budget(captured: Captured, k: int, candidates: int, sinks: int, window: int) -> None:
@@ -132,8 +157,9 @@ def evaluate(
     Returns:
       {"topk_recall": float, "iou": float, "mass_recall": float, "per_layer": {name: [L]}}.
     """
-    check_budget(captured, k, candidates, sinks, window)
     scoring = scoring or hasher.config.scoring
+    candidates = k if scoring == "quest" else candidates  # Quest's pages are its final choice
+    check_budget(captured, k, candidates, sinks, window)
     per_context = []
     for keys, queries, positions in zip(
         captured.keys, captured.queries, captured.positions, strict=True
@@ -185,8 +211,8 @@ def compare_methods(
     window: int = 64,
     seed: int = 0,
 ) -> dict:
-    """{method: metrics} for SimHash with the same bits, the symmetric hasher if given, and
-    `hasher` in hamming and (asymmetric kind) asymmetric scoring."""
+    """{method: metrics} for Quest, SimHash with the same bits, the symmetric hasher if given,
+    and `hasher` in hamming and (asymmetric kind) asymmetric scoring."""
     from dashkv_jax.hashing import simhash
 
     reference = hasher or symmetric
@@ -200,7 +226,10 @@ def compare_methods(
     evaluate_all = functools.partial(
         evaluate, captured=captured, k=k, candidates=candidates, sinks=sinks, window=window
     )
-    methods = {"simhash": evaluate_all(simhash(reference.config, seed))}
+    methods = {
+        "quest": evaluate_all(reference, scoring="quest"),
+        "simhash": evaluate_all(simhash(reference.config, seed)),
+    }
     if symmetric is not None:
         methods[f"{symmetric.config.kind}-hamming"] = evaluate_all(symmetric, scoring="hamming")
     if hasher is not None:

@@ -8,7 +8,7 @@ import pytest
 
 from dashkv_jax import data
 from dashkv_jax.cli import main
-from dashkv_jax.recall import Budget, selection_metrics
+from dashkv_jax.recall import Budget, quest_bounds, selection_metrics
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -36,6 +36,20 @@ def test_exact_scores_score_perfectly_and_reversed_scores_do_not():
     np.testing.assert_array_equal(worst[..., 0], 0.0)
 
 
+def test_quest_bounds_by_hand():
+    # One KV head, two query heads, D = 2; pages of 2 over 3 keys (the last page padded).
+    keys = jnp.array([[1.0, -2.0], [3.0, 0.0], [-1.0, 4.0]])[:, None, :]  # [T=3, Hkv=1, D=2]
+    queries = jnp.array([[[1.0, 1.0], [-1.0, 0.0]]])  # [Q=1, Hq=2, D=2]
+    got = quest_bounds(queries, keys, page=2)
+    # Page 0 = keys 0, 1: max (3, 0), min (1, -2). Per dimension the larger of q*max, q*min:
+    # head 0 (1, 1): 3 + 0 = 3; head 1 (-1, 0): -1 + 0 = -1. The group's best: 3 (keys 0, 1).
+    # Page 1 = key 2 alone: head 0: -1 + 4 = 3; head 1: 1 + 0 = 1 -> 3.
+    np.testing.assert_allclose(got, [[[3.0, 3.0, 3.0]]])
+    queries = jnp.array([[[0.0, -1.0], [0.0, -1.0]]])
+    # Page 0: -1 * min(-2, 0) = 2; page 1: -4.
+    np.testing.assert_allclose(quest_bounds(queries, keys, page=2), [[[2.0, 2.0, -4.0]]])
+
+
 def test_budget_sizes():
     assert Budget(1 / 32, 1 / 8).sizes(1024) == (32, 128)
     assert Budget(1 / 32, 1 / 8).sizes(8192) == (256, 1024)
@@ -56,13 +70,14 @@ def test_recall_cli_prints_every_method_as_json(heldout_text, capsys):
     report = json.loads(out)
     assert (report["context"], report["k"], report["candidates"]) == (512, 16, 64)
     methods = report["methods"]
-    assert list(methods) == ["simhash", "asymmetric-hamming", "asymmetric-asymmetric"]
+    assert list(methods) == ["quest", "simhash", "asymmetric-hamming", "asymmetric-asymmetric"]
     for metrics in methods.values():
         assert set(metrics) == {"topk_recall", "iou", "mass_recall"}
         assert all(0 <= v <= 1 for v in metrics.values())
     # The shipped hasher, trained on other articles, finds more than SimHash with equal bits.
     for learned in ("asymmetric-hamming", "asymmetric-asymmetric"):
         assert methods[learned]["topk_recall"] > methods["simhash"]["topk_recall"] + 0.1
+        assert methods[learned]["mass_recall"] > methods["quest"]["mass_recall"]
 
 
 def _one_line_error(capsys, argv, *needles):

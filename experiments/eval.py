@@ -1,0 +1,392 @@
+"""Every attention method side by side at equal token budgets, on the bundled model by default.
+
+    python experiments/eval.py                                  # the smollm2 preset (CPU: hours)
+    python experiments/eval.py --preset quick --out runs/eval   # a reduced run (minutes)
+    python experiments/eval.py --sections perplexity --budgets 1/8,1/32 --methods full,dashkv
+
+Sections (--sections, default all):
+  perplexity  decode-mode perplexity on held-out text: every position attends through the
+              method (teacher-forced), with the mean budget the adaptive cut actually used
+  synthetic   RULER-style passkey / multi-key needle / variable tracking on held-out text at
+              each length and depth (`dashkv_jax.synthetic`), greedy answers scored exactly
+  recall      retrieval fidelity of the hashed selections against the oracle top-k: top-k
+              recall, IoU and attention-mass recall (`dashkv_jax.recall`)
+  longbench   THUDM/LongBench tasks with their official prompts and metrics
+              (`dashkv_jax.longbench`); only with --longbench-data DIR (the unzipped official
+              data.zip: the Hub copy needs a loading script `datasets` no longer runs)
+Writes OUT/results.json, OUT/results.md (tables) and OUT/*.png (plots: perplexity and recall
+against budget, one needle heat map per method).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dashkv_jax import data, synthetic  # noqa: E402
+from dashkv_jax.errors import DashKVError  # noqa: E402
+from dashkv_jax.generate import generate  # noqa: E402
+from dashkv_jax.hasher_io import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER  # noqa: E402
+from dashkv_jax.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from dashkv_jax.longbench import ENGLISH_TASKS, run_longbench  # noqa: E402
+from dashkv_jax.methods import DEFAULT_CANDIDATES, METHODS, make_attention, parse_budget  # noqa: E402
+from dashkv_jax.perplexity import decode_perplexity  # noqa: E402
+from dashkv_jax.recall import Budget, recall_report  # noqa: E402
+
+SECTIONS = ("perplexity", "synthetic", "recall", "longbench")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: str = DEFAULT_MODEL
+    methods: tuple[str, ...] = METHODS
+    budgets: tuple[str, ...] = ("1/8", "1/16", "1/32", "1/64")
+    candidates: str = DEFAULT_CANDIDATES
+    perplexity_tokens: int = 8192  # held-out tokens scored per method and budget
+    synthetic_tasks: tuple[str, ...] = synthetic.TASKS
+    synthetic_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
+    synthetic_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    generation_budget: str = "1/16"  # for the synthetic and LongBench generations
+    answer_tokens: int = 16
+    recall_contexts: tuple[int, ...] = (1024, 4096, 8192)
+    recall_budgets: tuple[str, ...] | None = None  # None: the same as `budgets`
+    recall_queries: int = 128
+    longbench_data: str | None = None  # a folder of the official LongBench jsonl files
+    longbench_tasks: tuple[str, ...] = ENGLISH_TASKS
+    longbench_limit: int | None = None  # samples per task (None: all)
+    longbench_new_tokens: int | None = None  # None: each task's official generation length
+
+
+PRESETS = {
+    "smollm2": EvalConfig(),
+    # End to end in a few minutes on a 2-core CPU: what the tests run.
+    "quick": EvalConfig(
+        methods=("full", "oracle", "quest", "dashkv"),
+        budgets=("1/4", "1/2"),
+        perplexity_tokens=512,
+        synthetic_tasks=("passkey",),
+        synthetic_lengths=(512,),
+        synthetic_depths=(0.5,),
+        generation_budget="1/2",
+        answer_tokens=8,
+        recall_contexts=(512,),
+        recall_budgets=("1/16",),  # half of 512 is more than a query has keys before it
+        recall_queries=32,
+        longbench_tasks=("hotpotqa", "trec"),
+        longbench_limit=1,
+        longbench_new_tokens=4,
+    ),
+}
+
+
+def budgeted(methods):
+    return [m for m in methods if m != "full"]
+
+
+def perplexity_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+    docs = data.load_documents(split="heldout")
+    ids = next(
+        data.iter_token_windows(docs, tokenizer, config.perplexity_tokens, concatenate=True), None
+    )
+    if ids is None:
+        raise DashKVError(f"the held-out text has fewer than {config.perplexity_tokens} tokens")
+    n = len(ids)
+    runs = [("full", None)] if "full" in config.methods else []
+    runs += [(m, b) for b in config.budgets for m in budgeted(config.methods)]
+    rows = []
+    for method, budget in tqdm(runs, desc="perplexity", unit="run"):
+        tokens = None if budget is None else parse_budget(budget, n)
+        attention = make_attention(
+            method, tokens, model, candidates=parse_budget(config.candidates, n)
+        )
+        start = time.perf_counter()
+        result = decode_perplexity(model, ids, attention)
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "budget_tokens": tokens,
+                **result,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+    return rows
+
+
+def synthetic_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+    haystack = synthetic.Haystack(tokenizer)
+    cases = [
+        (task, length, depth)
+        for task in config.synthetic_tasks
+        for length in config.synthetic_lengths
+        for depth in config.synthetic_depths
+    ]
+    rows = []
+    for task, length, depth in tqdm(cases, desc="synthetic", unit="prompt"):
+        sample = synthetic.make(task, haystack, length, depth)
+        for method in config.methods:
+            output = generate(
+                model,
+                tokenizer,
+                sample.prompt,
+                max_new_tokens=config.answer_tokens,
+                attention=method,
+                budget=None if method == "full" else config.generation_budget,
+                candidates=config.candidates,
+            )
+            rows.append(
+                {
+                    "task": task,
+                    "length": length,
+                    "tokens": sample.length,
+                    "depth": depth,
+                    "method": method,
+                    "score": synthetic.score(sample, output),
+                    "output": output,
+                }
+            )
+    return rows
+
+
+def recall_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+    text = "\n\n".join(data.load_documents(split="heldout")["text"])
+    budgets = config.recall_budgets or config.budgets
+    runs = [(c, b) for c in config.recall_contexts for b in budgets]
+    rows = []
+    for context, budget in tqdm(runs, desc="recall", unit="run"):
+        fraction = _fraction(budget)
+        report = recall_report(
+            model,
+            tokenizer,
+            text,
+            hasher=DEFAULT_HASHER,
+            symmetric=DEFAULT_SYMMETRIC_HASHER,
+            context=context,
+            # The coarse filter passes at least the budget (as make_attention does).
+            budget=Budget(budget=fraction, candidates=max(fraction, _fraction(config.candidates))),
+            queries=config.recall_queries,
+        )
+        for method, metrics in report["methods"].items():
+            rows.append({"context": context, "budget": budget, "method": method, **metrics})
+    return rows
+
+
+def longbench_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+    if config.longbench_data is None:
+        raise DashKVError("the longbench section needs --longbench-data DIR")
+    rows = []
+    for method in config.methods:
+        report = run_longbench(
+            model,
+            tokenizer,
+            config.longbench_tasks,
+            data=config.longbench_data,
+            attention=method,
+            budget=None if method == "full" else config.generation_budget,
+            candidates=config.candidates,
+            limit=config.longbench_limit,
+            max_new_tokens=config.longbench_new_tokens,
+        )
+        for task, result in report["tasks"].items():
+            rows.append({"method": method, "task": task, "metric": result["metric"],
+                         "score": result["score"], "samples": len(result["samples"])})  # fmt: skip
+    return rows
+
+
+def _fraction(text: str) -> float:
+    numerator, _, denominator = text.partition("/")
+    return float(numerator) / float(denominator or 1)
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables."""
+    out = [f"# Evaluation: {results['model']}", ""]
+    if rows := results.get("perplexity"):
+        budgets = [b for b in results["config"]["budgets"]]
+        full = next((r["perplexity"] for r in rows if r["method"] == "full"), None)
+        out += ["## Decode-mode perplexity", ""]
+        out += [
+            f"{rows[0]['tokens']} held-out tokens, every position attends through the method.",
+            "",
+        ]
+        out += ["| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+        if full is not None:
+            out += [f"| full | {full:.3f} (every budget) |" + " |" * (len(budgets) - 1)]
+        for method in budgeted(results["config"]["methods"]):
+            cells = []
+            for b in budgets:
+                r = next(r for r in rows if r["method"] == method and r["budget"] == b)
+                cell = f"{r['perplexity']:.3f}"
+                if full is not None:
+                    cell += f" ({100 * (r['perplexity'] / full - 1):+.1f}%)"
+                if r["mean_attended"] is not None:
+                    cell += f", {r['mean_attended']:.0f} of {r['budget_tokens']} used"
+                cells.append(cell)
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    if rows := results.get("synthetic"):
+        out += ["## Synthetic retrieval (mean score over depths)", ""]
+        tasks = sorted({r["task"] for r in rows})
+        lengths = sorted({r["length"] for r in rows})
+        header = [f"{t} @{n}" for t in tasks for n in lengths]
+        out += ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        for method in results["config"]["methods"]:
+            cells = []
+            for t in tasks:
+                for n in lengths:
+                    scores = [
+                        r["score"]
+                        for r in rows
+                        if r["method"] == method and r["task"] == t and r["length"] == n
+                    ]
+                    cells.append(f"{np.mean(scores):.2f}")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    if rows := results.get("recall"):
+        out += ["## Retrieval fidelity against the oracle top-k", ""]
+        out += ["| context | budget | method | top-k recall | IoU | mass recall |"]
+        out += ["|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(
+                f"| {r['context']} | {r['budget']} | {r['method']} | {r['topk_recall']:.3f} "
+                f"| {r['iou']:.3f} | {r['mass_recall']:.3f} |"
+            )
+        out.append("")
+    if rows := results.get("longbench"):
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        out += ["## LongBench (official metrics, x100)", ""]
+        out += ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for method in results["config"]["methods"]:
+            scores = {r["task"]: r["score"] for r in rows if r["method"] == method}
+            out.append(f"| {method} | " + " | ".join(f"{scores[t]:.1f}" for t in tasks) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """Perplexity and recall against budget, and a needle heat map per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if rows := results.get("perplexity"):
+        budgets = results["config"]["budgets"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in budgeted(results["config"]["methods"]):
+            ys = [next(r["perplexity"] for r in rows if r["method"] == method and r["budget"] == b)
+                  for b in budgets]  # fmt: skip
+            ax.plot(budgets, ys, marker="o", label=method)
+        full = [r["perplexity"] for r in rows if r["method"] == "full"]
+        if full:
+            ax.axhline(full[0], color="black", linestyle="--", label="full")
+        ax.set(xlabel="budget (fraction of the context)", ylabel="perplexity", yscale="log")
+        ax.set_title(f"Decode-mode perplexity, {rows[0]['tokens']} tokens")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / "perplexity_vs_budget.png"))
+    if rows := results.get("recall"):
+        contexts = sorted({r["context"] for r in rows})
+        fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+        for ax, context in zip(axes[0], contexts, strict=True):
+            for method in sorted({r["method"] for r in rows}):
+                mine = [r for r in rows if r["method"] == method and r["context"] == context]
+                ax.plot([r["budget"] for r in mine], [r["mass_recall"] for r in mine],
+                        marker="o", label=method)  # fmt: skip
+            ax.set(xlabel="budget", ylabel="attention-mass recall", title=f"context {context}")
+            ax.legend(fontsize=8)
+        written.append(_save(fig, out / "recall_vs_budget.png"))
+    if rows := results.get("synthetic"):
+        lengths = sorted({r["length"] for r in rows})
+        depths = sorted({r["depth"] for r in rows})
+        methods = results["config"]["methods"]
+        fig, axes = plt.subplots(1, len(methods), figsize=(2.5 * len(methods), 3), squeeze=False)
+        for ax, method in zip(axes[0], methods, strict=True):
+            grid = np.array([[np.mean([r["score"] for r in rows if r["method"] == method
+                                       and r["length"] == n and r["depth"] == d])
+                              for n in lengths] for d in depths])  # fmt: skip
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_title(method, fontsize=9)
+        axes[0][0].set(ylabel="depth")
+        fig.supxlabel("context length (tokens)")
+        written.append(_save(fig, out / "needle_heatmap.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run(config: EvalConfig, sections, out: Path) -> dict:
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise DashKVError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    model, tokenizer = load_model(config.model)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"model": config.model, "config": dataclasses.asdict(config)}
+    for section in sections:
+        fn = {"perplexity": perplexity_section, "synthetic": synthetic_section,
+              "recall": recall_section, "longbench": longbench_section}[section]  # fmt: skip
+        results[section] = fn(model, tokenizer, config)
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # keep partial results
+    (out / "results.md").write_text(markdown(results))
+    results["plots"] = [str(p) for p in plot(results, out)]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="smollm2", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--sections", help="comma-separated (default: all; longbench only with --longbench-data)"
+    )
+    parser.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--budgets", help="comma-separated fractions, e.g. 1/8,1/32")
+    parser.add_argument("--model", help="a model name or path (default: the bundled model)")
+    parser.add_argument("--longbench-data", help="folder of the official LongBench jsonl files")
+    parser.add_argument("--longbench-tasks", help="comma-separated (default: the English ones)")
+    parser.add_argument("--longbench-limit", type=int, help="samples per task")
+    parser.add_argument("--out", default="runs/eval", type=Path)
+    args = parser.parse_args(argv)
+    config = PRESETS[args.preset]
+    overrides = {
+        "methods": args.methods and tuple(args.methods.split(",")),
+        "budgets": args.budgets and tuple(args.budgets.split(",")),
+        "model": args.model,
+        "longbench_data": args.longbench_data,
+        "longbench_tasks": args.longbench_tasks and tuple(args.longbench_tasks.split(",")),
+        "longbench_limit": args.longbench_limit,
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v})
+    default = SECTIONS if config.longbench_data else SECTIONS[:-1]
+    sections = args.sections.split(",") if args.sections else list(default)
+    try:
+        if bad := [s for s in sections if s not in SECTIONS]:
+            raise DashKVError(f"unknown section(s) {', '.join(bad)} (known: {', '.join(SECTIONS)})")
+        results = run(config, sections, args.out)
+    except DashKVError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(results))
+    print(f"wrote {args.out / 'results.json'}, results.md and {len(results['plots'])} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

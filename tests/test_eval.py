@@ -1,0 +1,85 @@
+"""The evaluation and benchmark launchers end to end in reduced configurations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import bench_decode  # noqa: E402
+import eval as evaluation  # noqa: E402
+
+
+def test_eval_quick_preset_writes_results_tables_and_plots(tmp_path, capsys):
+    assert evaluation.main(["--preset", "quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = evaluation.PRESETS["quick"].methods
+    perplexity = results["perplexity"]
+    assert {r["method"] for r in perplexity} == set(methods)
+    full = next(r["perplexity"] for r in perplexity if r["method"] == "full")
+    for r in perplexity:
+        assert r["tokens"] == 512 and r["perplexity"] > 1
+        # Budgets of 1/4 and 1/2 of 512 tokens: the oracle stays within 5% of full attention.
+        if r["method"] == "oracle":
+            assert r["perplexity"] < full * 1.05, r
+        if r["method"] == "dashkv":
+            assert 68 < r["mean_attended"] <= r["budget_tokens"], r
+    synthetic = results["synthetic"]
+    assert {r["method"] for r in synthetic} == set(methods)
+    assert all(0 <= r["score"] <= 1 for r in synthetic)
+    recall = results["recall"]
+    assert {r["method"] for r in recall} >= {"simhash", "asymmetric-asymmetric"}
+    assert all(0 <= r["mass_recall"] <= 1 for r in recall)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "Decode-mode perplexity" in markdown and "| dashkv |" in markdown
+    for plot in ("perplexity_vs_budget.png", "recall_vs_budget.png", "needle_heatmap.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_runs_longbench_from_a_local_folder(tmp_path):
+    fixture = ROOT / "tests" / "fixtures" / "longbench"
+    argv = ["--preset", "quick", "--sections", "longbench", "--methods", "full,dashkv",
+            "--longbench-data", str(fixture), "--out", str(tmp_path)]  # fmt: skip
+    assert evaluation.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["longbench"]
+    assert [(r["method"], r["task"]) for r in rows] == [
+        ("full", "hotpotqa"), ("full", "trec"), ("dashkv", "hotpotqa"), ("dashkv", "trec")
+    ]  # fmt: skip
+    assert all(0 <= r["score"] <= 100 and r["samples"] == 1 for r in rows)
+    assert "## LongBench" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_refuses_unknown_methods_and_sections(tmp_path, capsys):
+    assert evaluation.main(["--methods", "full,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert evaluation.main(["--sections", "vibes", "--out", str(tmp_path)]) == 2
+    assert "unknown section" in capsys.readouterr().err
+    assert evaluation.main(["--sections", "longbench", "--out", str(tmp_path)]) == 2
+    assert "--longbench-data" in capsys.readouterr().err
+
+
+def test_bench_decode_prints_one_json_list(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "experiments" / "bench_decode.py"), "--lengths", "1024,2048",
+        "--budget", "1/8", "--repeats", "1", "--layers", "2", "--json",
+        "--out", str(tmp_path / "bench"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    rows = json.loads(done.stdout)
+    assert [r["n"] for r in rows] == [1024, 2048]
+    for row in rows:
+        assert row["full_ms"] > 0 and row["dashkv_ms"] > 0 and row["budget_tokens"] == row["n"] // 8
+    assert "N" in done.stderr  # the table goes to stderr with --json
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == rows and (tmp_path / "bench.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["--lengths", "1024,abc"], ["--lengths", "100"]])
+def test_bench_decode_bad_lengths(argv, capsys):
+    assert bench_decode.main(argv) == 2
+    assert "error" in capsys.readouterr().err
