@@ -90,7 +90,7 @@ def budgeted(methods):
     return [m for m in methods if m != "full"]
 
 
-def perplexity_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+def perplexity_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     docs = data.load_documents(split="heldout")
     ids = next(
         data.iter_token_windows(docs, tokenizer, config.perplexity_tokens, concatenate=True), None
@@ -117,10 +117,11 @@ def perplexity_section(model, tokenizer, config: EvalConfig) -> list[dict]:
                 "seconds": round(time.perf_counter() - start, 1),
             }
         )
+        save(rows)  # each run takes minutes at 8K tokens on a CPU: keep what is done
     return rows
 
 
-def synthetic_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+def synthetic_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     haystack = synthetic.Haystack(tokenizer)
     cases = [
         (task, length, depth)
@@ -152,10 +153,11 @@ def synthetic_section(model, tokenizer, config: EvalConfig) -> list[dict]:
                     "output": output,
                 }
             )
+        save(rows)
     return rows
 
 
-def recall_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+def recall_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     text = "\n\n".join(data.load_documents(split="heldout")["text"])
     budgets = config.recall_budgets or config.budgets
     runs = [(c, b) for c in config.recall_contexts for b in budgets]
@@ -178,7 +180,7 @@ def recall_section(model, tokenizer, config: EvalConfig) -> list[dict]:
     return rows
 
 
-def longbench_section(model, tokenizer, config: EvalConfig) -> list[dict]:
+def longbench_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     if config.longbench_data is None:
         raise DashKVError("the longbench section needs --longbench-data DIR")
     rows = []
@@ -338,8 +340,13 @@ def run(config: EvalConfig, sections, out: Path) -> dict:
     for section in sections:
         fn = {"perplexity": perplexity_section, "synthetic": synthetic_section,
               "recall": recall_section, "longbench": longbench_section}[section]  # fmt: skip
-        results[section] = fn(model, tokenizer, config)
-        (out / "results.json").write_text(json.dumps(results, indent=2))  # keep partial results
+
+        def save(rows, section=section):
+            (out / "results.json").write_text(json.dumps({**results, section: rows}, indent=2))
+
+        # Sections save their rows as they go: a CPU run of the full preset takes hours.
+        results[section] = fn(model, tokenizer, config, save)
+        save(results[section])
     (out / "results.md").write_text(markdown(results))
     results["plots"] = [str(p) for p in plot(results, out)]
     (out / "results.json").write_text(json.dumps(results, indent=2))
