@@ -177,7 +177,12 @@ def test_resume_corrupt_checkpoint_and_export(smollm2, capture_dir, tmp_path):
 
     # The exported artifact: metadata, recall beside SimHash, and it loads for the model.
     summary = finished.summary
-    assert list(summary["results"]) == ["simhash", "asymmetric-hamming", "asymmetric-asymmetric"]
+    assert list(summary["results"]) == [
+        "quest",
+        "simhash",
+        "asymmetric-hamming",
+        "asymmetric-asymmetric",
+    ]
     meta = read_metadata(summary["hasher"])
     assert meta["config"]["model_id"] == model.config.name and meta["config"]["bits"] == 32
     assert meta["train_config"]["train"]["steps"] == 6 and "simhash" in meta["heldout"]
