@@ -35,6 +35,7 @@ from flax import nnx
 from dashkv_jax.capture import Captured, eligible_mask, group_attention
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing import Hasher, group_scores
+from dashkv_jax.sparse import page_bound
 
 Array = jax.Array
 METRICS = ("topk_recall", "iou", "mass_recall")
@@ -116,12 +117,9 @@ def quest_bounds(queries: Array, keys: Array, page: int = QUEST_PAGE) -> Array:
     pages = -(-t // page)
     padded = jnp.pad(keys, ((0, pages * page - t), (0, 0), (0, 0)), mode="edge")
     paged = padded.reshape(pages, page, hkv, d)
-    upper, lower = paged.max(axis=1), paged.min(axis=1)  # [P, Hkv, D]
-    qg = queries.reshape(queries.shape[0], hkv, -1, 1, d)  # [Q, Hkv, G, 1, D]
-    bound = jnp.maximum(
-        qg * upper.transpose(1, 0, 2)[None, :, None], qg * lower.transpose(1, 0, 2)[None, :, None]
-    )
-    bound = bound.sum(axis=-1).max(axis=2)  # [Q, Hkv, P]
+    upper, lower = paged.max(axis=1).transpose(1, 0, 2), paged.min(axis=1).transpose(1, 0, 2)
+    qg = queries.reshape(queries.shape[0], hkv, -1, d)  # [Q, Hkv, G, D]
+    bound = page_bound(qg, upper, lower)  # [Q, Hkv, P] (the pages [Hkv, P, D] broadcast)
     return jnp.repeat(bound, page, axis=-1)[..., :t].transpose(1, 0, 2)
 
 

@@ -209,6 +209,16 @@ class StreamingAttention(SparseAttention):
         )
 
 
+def page_bound(q: Array, upper: Array, lower: Array) -> Array:
+    """Quest's upper bound of q.k over each page, for the best query head of a KV group.
+
+    q [..., G, D] and the per-dimension key max / min of each page [..., P, D] -> [..., P].
+    """
+    q = q[..., :, None, :]  # [..., G, 1, D]
+    bound = jnp.maximum(q * upper[..., None, :, :], q * lower[..., None, :, :])
+    return bound.sum(axis=-1).max(axis=-2)
+
+
 @backend
 class QuestAttention(SparseAttention):
     """Quest: pages of keys ranked by an upper bound of q.k from their per-dimension min/max.
@@ -231,11 +241,7 @@ class QuestAttention(SparseAttention):
         b, hkv, s, d = keys.shape
         pages = s // self.page_size
         paged = keys[:, :, : pages * self.page_size].reshape(b, hkv, pages, self.page_size, d)
-        k_max, k_min = paged.max(axis=3), paged.min(axis=3)  # [B, Hkv, P, D]
-        bound = jnp.maximum(
-            q[:, :, :, None] * k_max[:, :, None], q[:, :, :, None] * k_min[:, :, None]
-        )
-        bound = bound.sum(axis=-1).max(axis=2)  # [B, Hkv, P]: the best query head of the group
+        bound = page_bound(q, paged.max(axis=3), paged.min(axis=3))  # [B, Hkv, P]
         starts = jnp.arange(pages) * self.page_size
         candidate = (starts < hi[:, None]) & (starts + self.page_size > lo[:, None])  # [B, P]
         bound = jnp.where(candidate[:, None], bound, -jnp.inf)

@@ -42,6 +42,7 @@ from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.hashed import CodeCache, HashedAttention  # noqa: E402
 from dashkv_jax.hashing import Hasher, HasherConfig  # noqa: E402
 from dashkv_jax.methods import DEFAULT_CANDIDATES, parse_budget  # noqa: E402
+from dashkv_jax.sparse import SparseAttention  # noqa: E402
 
 DEFAULT_LENGTHS = (8192, 32768, 131072, 524288, 1048576)
 # The bundled SmolLM2-135M's attention shape.
@@ -107,7 +108,7 @@ def bench_length(n: int, budget: str, candidates: str, repeats: int, layers: int
     dashkv = HashedAttention(
         budget=tokens,
         hasher=Hasher(config, rngs=nnx.Rngs(0)),
-        candidates=max(n_candidates, tokens - 68),
+        candidates=max(n_candidates, tokens - SparseAttention.sinks - SparseAttention.window),
         scoring="asymmetric",
         dense_layers=0,
     )

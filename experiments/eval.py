@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,9 @@ def recall_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     runs = [(c, b) for c in config.recall_contexts for b in budgets]
     rows = []
     for context, budget in tqdm(runs, desc="recall", unit="run"):
-        fraction = _fraction(budget)
+        fraction = float(Fraction(budget))
+        # The coarse filter passes at least the budget (as make_attention does).
+        candidates = max(fraction, float(Fraction(config.candidates)))
         report = recall_report(
             model,
             tokenizer,
@@ -171,8 +174,7 @@ def recall_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
             hasher=DEFAULT_HASHER,
             symmetric=DEFAULT_SYMMETRIC_HASHER,
             context=context,
-            # The coarse filter passes at least the budget (as make_attention does).
-            budget=Budget(budget=fraction, candidates=max(fraction, _fraction(config.candidates))),
+            budget=Budget(budget=fraction, candidates=candidates),
             queries=config.recall_queries,
         )
         for method, metrics in report["methods"].items():
@@ -200,11 +202,6 @@ def longbench_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
             rows.append({"method": method, "task": task, "metric": result["metric"],
                          "score": result["score"], "samples": len(result["samples"])})  # fmt: skip
     return rows
-
-
-def _fraction(text: str) -> float:
-    numerator, _, denominator = text.partition("/")
-    return float(numerator) / float(denominator or 1)
 
 
 def markdown(results: dict) -> str:
