@@ -15,7 +15,9 @@ Sections (--sections, default all):
               (`dashkv_jax.longbench`); only with --longbench-data DIR (the unzipped official
               data.zip: the Hub copy needs a loading script `datasets` no longer runs)
 Writes OUT/results.json, OUT/results.md (tables) and OUT/*.png (plots: perplexity and recall
-against budget, one needle heat map per method).
+against budget, one needle heat map per method). With --resume, rows OUT/results.json already
+holds (same model and settings) are kept rather than run again: an interrupted run picks up
+where it stopped, and a run with more budgets or methods only runs what is new.
 """
 
 import argparse
@@ -91,7 +93,7 @@ def budgeted(methods):
     return [m for m in methods if m != "full"]
 
 
-def perplexity_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
+def perplexity_section(model, tokenizer, config: EvalConfig, save, previous) -> list[dict]:
     docs = data.load_documents(split="heldout")
     ids = next(
         data.iter_token_windows(docs, tokenizer, config.perplexity_tokens, concatenate=True), None
@@ -101,8 +103,12 @@ def perplexity_section(model, tokenizer, config: EvalConfig, save) -> list[dict]
     n = len(ids)
     runs = [("full", None)] if "full" in config.methods else []
     runs += [(m, b) for b in config.budgets for m in budgeted(config.methods)]
+    done = {(r["method"], r["budget"]): r for r in previous}
     rows = []
     for method, budget in tqdm(runs, desc="perplexity", unit="run"):
+        if (method, budget) in done:
+            rows.append(done[method, budget])
+            continue
         tokens = None if budget is None else parse_budget(budget, n)
         attention = make_attention(
             method, tokens, model, candidates=parse_budget(config.candidates, n)
@@ -122,7 +128,7 @@ def perplexity_section(model, tokenizer, config: EvalConfig, save) -> list[dict]
     return rows
 
 
-def synthetic_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
+def synthetic_section(model, tokenizer, config: EvalConfig, save, previous) -> list[dict]:
     haystack = synthetic.Haystack(tokenizer)
     cases = [
         (task, length, depth)
@@ -130,10 +136,14 @@ def synthetic_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
         for length in config.synthetic_lengths
         for depth in config.synthetic_depths
     ]
+    done = {(r["task"], r["length"], r["depth"], r["method"]): r for r in previous}
     rows = []
     for task, length, depth in tqdm(cases, desc="synthetic", unit="prompt"):
         sample = synthetic.make(task, haystack, length, depth)
         for method in config.methods:
+            if (task, length, depth, method) in done:
+                rows.append(done[task, length, depth, method])
+                continue
             output = generate(
                 model,
                 tokenizer,
@@ -158,12 +168,15 @@ def synthetic_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     return rows
 
 
-def recall_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
+def recall_section(model, tokenizer, config: EvalConfig, save, previous) -> list[dict]:
     text = "\n\n".join(data.load_documents(split="heldout")["text"])
     budgets = config.recall_budgets or config.budgets
     runs = [(c, b) for c in config.recall_contexts for b in budgets]
     rows = []
     for context, budget in tqdm(runs, desc="recall", unit="run"):
+        if done := [r for r in previous if (r["context"], r["budget"]) == (context, budget)]:
+            rows += done
+            continue
         fraction = float(Fraction(budget))
         # The coarse filter passes at least the budget (as make_attention does).
         candidates = max(fraction, float(Fraction(config.candidates)))
@@ -182,11 +195,14 @@ def recall_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
     return rows
 
 
-def longbench_section(model, tokenizer, config: EvalConfig, save) -> list[dict]:
+def longbench_section(model, tokenizer, config: EvalConfig, save, previous) -> list[dict]:
     if config.longbench_data is None:
         raise DashKVError("the longbench section needs --longbench-data DIR")
     rows = []
     for method in config.methods:
+        if done := [r for r in previous if r["method"] == method]:
+            rows += done
+            continue
         report = run_longbench(
             model,
             tokenizer,
@@ -327,10 +343,44 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def run(config: EvalConfig, sections, out: Path) -> dict:
+# Config fields that only choose which rows run; every other field changes what a row measures.
+SELECTION_FIELDS = {
+    "methods", "budgets", "synthetic_tasks", "synthetic_lengths", "synthetic_depths",
+    "recall_contexts", "recall_budgets", "longbench_tasks",
+}  # fmt: skip
+
+
+def previous_results(config: EvalConfig, out: Path) -> dict:
+    """The rows of an earlier run in `out` that `config` would measure the same way."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DashKVError(f"cannot resume from {path}: not valid JSON ({error})") from None
+    mine = dataclasses.asdict(config)
+    theirs = previous.get("config", {})
+    differ = [
+        k for k in mine if k not in SELECTION_FIELDS and _same(theirs.get(k)) != _same(mine[k])
+    ]
+    if differ:
+        raise DashKVError(
+            f"cannot resume from {path}: it was run with different {', '.join(differ)}; "
+            "use another --out"
+        )
+    return {s: previous[s] for s in SECTIONS if s in previous}
+
+
+def _same(value):
+    return list(value) if isinstance(value, tuple) else value  # JSON turns tuples into lists
+
+
+def run(config: EvalConfig, sections, out: Path, resume: bool = False) -> dict:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise DashKVError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    previous = previous_results(config, out) if resume else {}
     model, tokenizer = load_model(config.model)
     out.mkdir(parents=True, exist_ok=True)
     results = {"model": config.model, "config": dataclasses.asdict(config)}
@@ -342,7 +392,7 @@ def run(config: EvalConfig, sections, out: Path) -> dict:
             (out / "results.json").write_text(json.dumps({**results, section: rows}, indent=2))
 
         # Sections save their rows as they go: a CPU run of the full preset takes hours.
-        results[section] = fn(model, tokenizer, config, save)
+        results[section] = fn(model, tokenizer, config, save, previous.get(section, []))
         save(results[section])
     (out / "results.md").write_text(markdown(results))
     results["plots"] = [str(p) for p in plot(results, out)]
@@ -367,6 +417,11 @@ def main(argv=None) -> int:
     parser.add_argument("--longbench-tasks", help="comma-separated (default: the English ones)")
     parser.add_argument("--longbench-limit", type=int, help="samples per task")
     parser.add_argument("--out", default="runs/eval", type=Path)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the rows OUT/results.json already holds (an interrupted or smaller run)",
+    )
     args = parser.parse_args(argv)
     config = PRESETS[args.preset]
     overrides = {
@@ -383,7 +438,7 @@ def main(argv=None) -> int:
     try:
         if bad := [s for s in sections if s not in SECTIONS]:
             raise DashKVError(f"unknown section(s) {', '.join(bad)} (known: {', '.join(SECTIONS)})")
-        results = run(config, sections, args.out)
+        results = run(config, sections, args.out, resume=args.resume)
     except DashKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -54,6 +54,27 @@ def test_eval_runs_longbench_from_a_local_folder(tmp_path):
     assert "## LongBench" in (tmp_path / "results.md").read_text()
 
 
+def test_eval_resume_runs_only_new_rows_and_refuses_other_settings(tmp_path, capsys):
+    argv = ["--preset", "quick", "--sections", "perplexity", "--methods", "full,quest",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert evaluation.main([*argv, "--budgets", "1/2"]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())["perplexity"]
+    assert evaluation.main([*argv, "--budgets", "1/4,1/2", "--resume"]) == 0
+    second = json.loads((tmp_path / "results.json").read_text())["perplexity"]
+    assert [(r["method"], r["budget"]) for r in second] == [
+        ("full", None), ("quest", "1/4"), ("quest", "1/2")
+    ]  # fmt: skip
+    # Kept rows are the earlier run's, timings included; the new one was measured now.
+    assert second[0] == first[0] and second[2] == first[1]
+    assert second[1]["perplexity"] > 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["config"]["perplexity_tokens"] = 1024
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert evaluation.main([*argv, "--resume"]) == 2
+    assert "perplexity_tokens" in capsys.readouterr().err
+
+
 def test_eval_refuses_unknown_methods_and_sections(tmp_path, capsys):
     assert evaluation.main(["--methods", "full,magic", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
