@@ -50,6 +50,10 @@ class Attention(Protocol):
     def decode(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
         """One new token per row at position `cache.lengths`; q [B,1,Hq,D], k/v [B,1,Hkv,D]."""
 
+    def adopt(self, cache: KVCache) -> Any:
+        """This backend's cache for a prompt that exact prefill wrote into `cache`: what its own
+        prefill would have left (every backend's prefill is exact), so methods can share one."""
+
 
 def causal_attention(q: Array, k: Array, v: Array) -> Array:
     """Exact causal GQA attention within one sequence, fp32 softmax.
@@ -128,6 +132,9 @@ class FullAttention:
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
         return attend_all(cache, layer, q), cache
+
+    def adopt(self, cache: KVCache) -> KVCache:
+        return cache
 
 
 def attend_all(cache: KVCache, layer: Array, q: Array) -> Array:

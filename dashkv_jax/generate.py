@@ -1,7 +1,7 @@
 """Sampling and the jit-compiled decode loop (prefill, then `lax.while_loop` over decode steps)."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +68,39 @@ def generate_ids(
     """
     attention = attention or FullAttention()
     batch, prompt_len = prompt.shape
-    eos = jnp.asarray(model.config.eos_token_ids or (-1,), jnp.int32)
     cache = model.init_cache(batch, prompt_len + max_new_tokens, attention)
     logits, cache = model.prefill(prompt, cache, attention)
+    return _decode_loop(model, logits, cache, key, max_new_tokens, sampling, attention, on_token)
+
+
+@nnx.jit(static_argnames=("max_len",))
+def prefill_exact(model: Llama, prompt: Array, max_len: int):
+    """Exact prefill of `prompt` [B, T] into a `max_len`-slot KV cache -> (logits [B, V], cache),
+    which every backend can `adopt`: one prefill shared by several methods."""
+    cache = model.init_cache(prompt.shape[0], max_len)
+    return model.prefill(prompt, cache)
+
+
+@nnx.jit(static_argnames=("max_new_tokens", "sampling"))
+def decode_from(
+    model: Llama,
+    logits: Array,
+    cache,
+    key: Array,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    attention: Attention,
+) -> tuple[Array, Array]:
+    """`generate_ids` after its prefill: decode from the prompt's last logits [B, V] and a
+    cache from `prefill_exact`, which `attention` adopts."""
+    cache = attention.adopt(cache)
+    return _decode_loop(model, logits, cache, key, max_new_tokens, sampling, attention, None)
+
+
+def _decode_loop(model, logits, cache, key, max_new_tokens, sampling, attention, on_token):
+    batch = logits.shape[0]
+    eos = jnp.asarray(model.config.eos_token_ids or (-1,), jnp.int32)
     key, first_key = jax.random.split(key)
     out = jnp.full((batch, max_new_tokens), eos[0], jnp.int32)
     state = (0, sample(logits, first_key, sampling), cache, key, jnp.zeros(batch, bool), out)
@@ -116,10 +146,7 @@ def generate(
     `budget` and `candidates` ('1/32' of the final context, or token counts) and, for hashed
     methods, `hasher` (an artifact path or a `Hasher`; `dashkv` defaults to the shipped one).
     """
-    if chat:
-        prompt = render_chat(model.chat_template, [{"role": "user", "content": prompt}])
-    ids = tokenizer.encode(prompt).ids
-    check_fits(model, len(ids), max_new_tokens)
+    ids = _prompt_ids(model, tokenizer, prompt, chat, max_new_tokens)
     if isinstance(attention, str):
         context = len(ids) + max_new_tokens
         tokens = None if budget is None else parse_budget(str(budget), context)
@@ -150,6 +177,52 @@ def generate(
         on_token=on_token if on_text else None,
     )
     return tokenizer.decode(np.asarray(out[0, : int(counts[0])]).tolist())
+
+
+def generate_each(
+    model: Llama,
+    tokenizer: Tokenizer,
+    prompt: str,
+    attentions: Sequence[Attention],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = Sampling(),
+    chat: bool = False,
+    seed: int = 0,
+    slot_multiple: int = 512,
+) -> list[str]:
+    """The continuation of `prompt` under each backend in `attentions`, as text, from one exact
+    prefill they all adopt (the prefill of every backend is exact, so this is what `generate`
+    gives each, at a fraction of the cost when comparing methods on long prompts).
+
+    The cache has the prompt + new tokens rounded up to `slot_multiple` slots, so prompts of
+    nearly equal length reuse one compiled decode loop per backend.
+    """
+    ids = _prompt_ids(model, tokenizer, prompt, chat, max_new_tokens)
+    slots = -(-(len(ids) + max_new_tokens) // slot_multiple) * slot_multiple
+    slots = min(slots, model.config.max_position)
+    logits, cache = prefill_exact(model, jnp.asarray([ids], jnp.int32), slots)
+    texts = []
+    for attention in attentions:
+        out, counts = decode_from(
+            model,
+            logits,
+            cache,
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            attention=attention,
+        )
+        texts.append(tokenizer.decode(np.asarray(out[0, : int(counts[0])]).tolist()))
+    return texts
+
+
+def _prompt_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int) -> list[int]:
+    if chat:
+        prompt = render_chat(model.chat_template, [{"role": "user", "content": prompt}])
+    ids = tokenizer.encode(prompt).ids
+    check_fits(model, len(ids), max_new_tokens)
+    return ids
 
 
 def check_fits(model: Llama, prompt_tokens: int, max_new_tokens: int) -> None:

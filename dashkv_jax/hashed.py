@@ -95,6 +95,20 @@ class HashedAttention(SparseAttention):
         cache = cache.replace(codes=cache.codes.at[layer, rows, :, cache.lengths].set(code))
         return SparseAttention.decode(self, cache, layer, q, k, v)
 
+    def adopt(self, cache: KVCache) -> CodeCache:
+        def encode(layer):  # one layer at a time: the key encoder's activations are large
+            return self.hasher.encode_keys(cache.k[layer].transpose(0, 2, 1, 3), layer)
+
+        codes = jax.lax.map(encode, jnp.arange(cache.k.shape[0])).transpose(0, 1, 3, 2, 4)
+        written = jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None]  # [B, S]
+        return CodeCache(
+            k=cache.k,
+            v=cache.v,
+            lengths=cache.lengths,
+            codes=jnp.where(written[None, :, None, :, None], codes, 0),  # as prefill leaves them
+            attended=jnp.zeros(cache.k.shape[:3], jnp.float32),
+        )
+
     def record(self, cache, layer, attended):
         return cache.replace(attended=cache.attended.at[layer].set(attended))
 

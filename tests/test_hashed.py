@@ -1,5 +1,6 @@
 """DASH-KV decode attention: code cache, coarse filter + exact cut, exactness at full budget."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,6 +64,16 @@ def test_codes_are_written_once_per_token(smollm2, text_ids, random_hasher):
     expected = random_hasher.encode_keys(keys).transpose(0, 2, 1, 3)  # [L, Hkv, S, W]
     np.testing.assert_array_equal(cache.codes[:, 0, :, :103], expected[:, :, :103])
     np.testing.assert_array_equal(cache.codes[:, 0, :, 103:], 0)  # unwritten slots stay empty
+
+
+def test_adopting_an_exact_prefill_equals_its_own_prefill(smollm2, text_ids, random_hasher):
+    model, _ = smollm2
+    attention = HashedAttention(budget=120, candidates=160, hasher=random_hasher)
+    _, own = prefill(model, text_ids[:, :100], model.init_cache(1, 110, attention), attention)
+    _, exact = prefill(model, text_ids[:, :100], model.init_cache(1, 110))
+    adopted = attention.adopt(exact)
+    for got, expected in zip(jax.tree.leaves(adopted), jax.tree.leaves(own), strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_small_budget_spends_within_its_bounds(smollm2, text_ids, random_hasher):

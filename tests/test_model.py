@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
-from dashkv_jax.generate import Sampling, generate, generate_ids, sample
+from dashkv_jax.generate import Sampling, generate, generate_each, generate_ids, sample
 from dashkv_jax.loaders import undo_rope_permutation
+from dashkv_jax.methods import make_attention
 from dashkv_jax.model import (
     apply_rope,
     capture_qk,
@@ -112,6 +113,19 @@ def test_greedy_generation_matches_stepwise_argmax(smollm2, heldout_ids):
         ids = jnp.concatenate([ids, jnp.argmax(forward(model, ids)[:, -1], -1)[:, None]], axis=1)
     np.testing.assert_array_equal(out, ids[:, 20:])
     assert int(counts[0]) == 6
+
+
+def test_generate_each_shares_one_prefill_and_matches_generate(smollm2, heldout_ids):
+    model, tokenizer = smollm2
+    text = tokenizer.decode(heldout_ids[:500].tolist())
+    prompt = f"{text}\n\nWhat is the text above about? Answer in one sentence."
+    attentions = [make_attention(m, 128, model, candidates=256) for m in ("full", "dashkv")]
+    each = generate_each(model, tokenizer, prompt, attentions, max_new_tokens=10, chat=True)
+    one_by_one = [
+        generate(model, tokenizer, prompt, attention=a, max_new_tokens=10, chat=True)
+        for a in attentions
+    ]
+    assert each == one_by_one and all(each)
 
 
 def test_generation_stops_at_eos(smollm2):
