@@ -24,6 +24,8 @@ from dashkv_jax.hashing import Hasher
 from dashkv_jax.sparse import SparseAttention, gather_rows
 
 Array = jax.Array
+# Asymmetric coarse scores (|score| <= G * bits) are ranked in steps of 1 / ASYMMETRIC_STEPS.
+ASYMMETRIC_STEPS = 16
 
 
 def adaptive_cut(sorted_mass: Array, total: Array, tau: float, k_min: int) -> Array:
@@ -113,7 +115,7 @@ class HashedAttention(SparseAttention):
         return cache.replace(attended=cache.attended.at[layer].set(attended))
 
     def coarse_scores(self, cache: CodeCache, layer: Array, q: Array, hi: Array) -> Array:
-        """Hashed scores of every slot below hi; q [B, Hkv, G, D] -> [B, Hkv, S]."""
+        """Coarse scores of every slot below hi; q [B, Hkv, G, D] -> [B, Hkv, S] int32."""
         return self.score_codes(self.encode_query(q, layer), cache.codes[layer], hi)
 
     def encode_query(self, q: Array, layer: Array) -> Array:
@@ -125,14 +127,21 @@ class HashedAttention(SparseAttention):
         return self.hasher.query_weights(flat, layer).reshape(b, hkv, g, -1)
 
     def score_codes(self, query: Array, codes: Array, lengths: Array) -> Array:
-        """An encoded query against key codes [B, Hkv, N, W]; slots >= lengths [B] get the
-        sentinel -> [B, Hkv, N] (int32 hamming or float32 asymmetric)."""
-        scorer = (
-            pallas_kernels.hamming_scores
-            if self.scoring == "hamming"
-            else pallas_kernels.asymmetric_scores
+        """An encoded query against key codes [B, Hkv, N, W] -> int32 coarse scores [B, Hkv, N]:
+        hamming scores, or asymmetric ones rounded to steps of 1 / ASYMMETRIC_STEPS. Slots >=
+        lengths [B] get `pallas_kernels.HAMMING_SENTINEL`."""
+        if self.scoring == "hamming":
+            return pallas_kernels.hamming_scores(
+                query, codes, lengths, implementation=self.implementation
+            )
+        scores = pallas_kernels.asymmetric_scores(
+            query, codes, lengths, implementation=self.implementation
         )
-        return scorer(query, codes, lengths, implementation=self.implementation)
+        # Integer keys let the top-C take one radix pass instead of three over float bit
+        # patterns (3x faster on CPU); only the candidate set matters, and steps this fine
+        # only tie scores at its margin (ties go to the older token).
+        quantized = jnp.round(scores * ASYMMETRIC_STEPS).astype(jnp.int32)
+        return jnp.where(jnp.isfinite(scores), quantized, pallas_kernels.HAMMING_SENTINEL)
 
     def select(self, cache, layer, q, pos, lo, hi):
         scores = exclude_below(
@@ -163,11 +172,7 @@ class HashedAttention(SparseAttention):
 
 
 def exclude_below(scores: Array, slots: Array, lo: Array) -> Array:
-    """Scores [B, Hkv, N] of slots [N] (cache positions) below lo [B] set to the sentinel, so
-    the sinks are never candidates."""
-    sentinel = (
-        pallas_kernels.HAMMING_SENTINEL
-        if scores.dtype == jnp.int32
-        else pallas_kernels.ASYMMETRIC_SENTINEL
-    )
-    return jnp.where((slots[None, :] < lo[:, None])[:, None, :], sentinel, scores)
+    """Coarse scores [B, Hkv, N] of slots [N] (cache positions) below lo [B] set to the sentinel,
+    so the sinks are never candidates."""
+    below = (slots[None, :] < lo[:, None])[:, None, :]
+    return jnp.where(below, pallas_kernels.HAMMING_SENTINEL, scores)
