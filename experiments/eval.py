@@ -392,6 +392,8 @@ def run(config: EvalConfig, sections, out: Path, resume: bool = False) -> dict:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise DashKVError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    if bad := [t for t in config.synthetic_tasks if t not in synthetic.TASKS]:
+        raise DashKVError(f"unknown task(s) {', '.join(bad)} (known: {', '.join(synthetic.TASKS)})")
     previous = previous_results(config, out) if resume else {}
     model, tokenizer = load_model(config.model)
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +414,18 @@ def run(config: EvalConfig, sections, out: Path, resume: bool = False) -> dict:
     return results
 
 
+def _numbers(kind):
+    """An argparse type: comma-separated numbers of `kind` -> tuple."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 1,2,3") from None
+
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -425,6 +439,15 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--budgets", help="comma-separated fractions, e.g. 1/8,1/32")
     parser.add_argument("--model", help="a model name or path (default: the bundled model)")
+    parser.add_argument(
+        "--synthetic-tasks", help=f"comma-separated, of: {', '.join(synthetic.TASKS)}"
+    )
+    parser.add_argument(
+        "--synthetic-lengths", type=_numbers(int), help="comma-separated prompt lengths in tokens"
+    )
+    parser.add_argument(
+        "--synthetic-depths", type=_numbers(float), help="comma-separated needle depths in [0, 1]"
+    )
     parser.add_argument("--longbench-data", help="folder of the official LongBench jsonl files")
     parser.add_argument("--longbench-tasks", help="comma-separated (default: the English ones)")
     parser.add_argument("--longbench-limit", type=int, help="samples per task")
@@ -440,6 +463,9 @@ def main(argv=None) -> int:
         "methods": args.methods and tuple(args.methods.split(",")),
         "budgets": args.budgets and tuple(args.budgets.split(",")),
         "model": args.model,
+        "synthetic_tasks": args.synthetic_tasks and tuple(args.synthetic_tasks.split(",")),
+        "synthetic_lengths": args.synthetic_lengths,
+        "synthetic_depths": args.synthetic_depths,
         "longbench_data": args.longbench_data,
         "longbench_tasks": args.longbench_tasks and tuple(args.longbench_tasks.split(",")),
         "longbench_limit": args.longbench_limit,
