@@ -44,6 +44,8 @@ from dashkv_jax.perplexity import decode_perplexity  # noqa: E402
 from dashkv_jax.recall import Budget, recall_report  # noqa: E402
 
 SECTIONS = ("perplexity", "synthetic", "recall", "longbench")
+# Generation budgets never go below 4 sinks + 64 window + 60 selected tokens (1/16 of 1K is 64).
+MIN_BUDGET = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,7 @@ class EvalConfig:
     synthetic_tasks: tuple[str, ...] = synthetic.TASKS
     synthetic_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
     synthetic_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    generation_budget: str = "1/16"  # for the synthetic and LongBench generations
+    generation_budget: str = "1/16"  # synthetic and LongBench generations; >= MIN_BUDGET tokens
     answer_tokens: int = 16
     recall_contexts: tuple[int, ...] = (1024, 4096, 8192)
     recall_budgets: tuple[str, ...] | None = None  # None: the same as `budgets`
@@ -144,10 +146,10 @@ def synthetic_section(model, tokenizer, config: EvalConfig, save, previous) -> l
         todo = [m for m in config.methods if (task, length, depth, m) not in done]
         for method in todo:
             if (method, length) not in attentions:
-                budget = None if method == "full" else config.generation_budget
+                tokens = max(parse_budget(config.generation_budget, length), MIN_BUDGET)
                 attentions[method, length] = make_attention(
                     method,
-                    budget and parse_budget(budget, length),
+                    None if method == "full" else tokens,
                     model,
                     candidates=parse_budget(config.candidates, length),
                 )
