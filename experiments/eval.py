@@ -251,7 +251,10 @@ def markdown(results: dict) -> str:
         for method in budgeted(results["config"]["methods"]):
             cells = []
             for b in budgets:
-                r = next(r for r in rows if r["method"] == method and r["budget"] == b)
+                r = next((r for r in rows if r["method"] == method and r["budget"] == b), None)
+                if r is None:  # an interrupted run
+                    cells.append("not run")
+                    continue
                 cell = f"{r['perplexity']:.3f}"
                 if full is not None:
                     cell += f" ({100 * (r['perplexity'] / full - 1):+.1f}%)"
@@ -311,8 +314,8 @@ def plot(results: dict, out: Path) -> list[Path]:
         budgets = results["config"]["budgets"]
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in budgeted(results["config"]["methods"]):
-            ys = [next(r["perplexity"] for r in rows if r["method"] == method and r["budget"] == b)
-                  for b in budgets]  # fmt: skip
+            ys = [next((r["perplexity"] for r in rows if r["method"] == method
+                        and r["budget"] == b), np.nan) for b in budgets]  # fmt: skip
             ax.plot(budgets, ys, marker="o", label=method)
         full = [r["perplexity"] for r in rows if r["method"] == "full"]
         if full:
