@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -48,6 +47,14 @@ def _block_tokens(block_n: int, length_ref, n_tokens: int) -> tuple[jax.Array, j
     return token, in_cache & (token < length_ref[0])
 
 
+def popcount(x: jax.Array) -> jax.Array:
+    """Set bits of each uint32, by SWAR adds: Pallas-Triton cannot lower population_count."""
+    x = x - ((x >> 1) & 0x55555555)  # 2-bit sums
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)  # 4-bit sums
+    x = (x + (x >> 4)) & 0x0F0F0F0F  # 8-bit sums
+    return ((x * 0x01010101) >> 24).astype(jnp.int32)  # the top byte sums all four
+
+
 def hamming_kernel(
     length_ref,  # [1] int32: this batch row's valid length
     q_ref,  # [G, W] uint32
@@ -63,7 +70,7 @@ def hamming_kernel(
     for w in range(n_words):
         k_word = plgpu.load(k_ref.at[:, jnp.int32(w)], mask=valid, other=0)  # [block_n]
         for g in range(g_size):
-            differing += lax.population_count(k_word ^ q_ref[g, w]).astype(jnp.int32)
+            differing += popcount(k_word ^ q_ref[g, w])
     scores = g_size * WORD_BITS * n_words - 2 * differing
     scores = jnp.where(valid, scores, common.HAMMING_SENTINEL)
     plgpu.store(o_ref.at[:], scores, mask=token < n_tokens)
@@ -80,13 +87,14 @@ def asymmetric_kernel(
     block_n = o_ref.shape[0]
     n_words = k_ref.shape[1]
     token, valid = _block_tokens(block_n, length_ref, n_tokens)
-    bit = jnp.arange(WORD_BITS, dtype=jnp.uint32)[None, :]  # [1, 32]
     scores = jnp.zeros((block_n,), jnp.float32)
+    # One [block_n] select-add per bit, in the reference's order (bit-exact with it): a
+    # [block_n, 32] tile summed over its bits instead ran 6x slower on an H100.
     for w in range(n_words):
         k_word = plgpu.load(k_ref.at[:, jnp.int32(w)], mask=valid, other=0)  # [block_n]
-        weight = w_ref[pl.ds(w * WORD_BITS, WORD_BITS)][None, :]  # [1, 32]
-        bit_set = ((k_word[:, None] >> bit) & 1) == 1  # [block_n, 32]
-        scores += jnp.sum(jnp.where(bit_set, weight, -weight), axis=1)
+        for j in range(WORD_BITS):
+            weight = w_ref[w * WORD_BITS + j]  # scalar
+            scores += jnp.where(((k_word >> j) & 1) == 1, weight, -weight)
     scores = jnp.where(valid, scores, common.ASYMMETRIC_SENTINEL)
     plgpu.store(o_ref.at[:], scores, mask=token < n_tokens)
 

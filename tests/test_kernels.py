@@ -233,6 +233,13 @@ class TestInterpretGpu(ScoresSuite):
     IMPLEMENTATION = "interpret_gpu"
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestPallasGpu(ScoresSuite):
+    """The Triton kernels compiled and run on a real GPU (skipped elsewhere, CI included)."""
+
+    IMPLEMENTATION = "pallas_gpu"
+
+
 class TestKernelDetails:
     """Kernel-specific paths the shared suite does not reach with default block sizes."""
 
@@ -254,6 +261,12 @@ class TestKernelDetails:
             q, k, lengths, block_sizes=pallas_gpu.BlockSizes(block_n=128), interpret=True
         )
         assert_equal(actual, pk.hamming_scores_reference(q, k, lengths))
+
+    def test_gpu_popcount(self):
+        words = np.random.default_rng(0).integers(0, 2**32, 1000, dtype=np.uint32)
+        words[:4] = [0, 1, 2**31, 2**32 - 1]
+        expected = lax.population_count(jnp.asarray(words)).astype(jnp.int32)
+        assert_equal(pallas_gpu.popcount(jnp.asarray(words)), expected)
 
     def test_block_size_checks(self):
         with pytest.raises(ValueError, match="block_n"):
