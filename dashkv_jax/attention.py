@@ -123,6 +123,8 @@ def backend(cls):
 class FullAttention:
     """Exact attention over every cached token: the reference every other backend is judged by."""
 
+    chunk: int | None = struct.field(pytree_node=False, default=None)  # None: decode_chunk()
+
     def init_cache(self, config, batch, max_len, dtype=jnp.float32) -> KVCache:
         return KVCache.create(config, batch, max_len, dtype)
 
@@ -131,27 +133,35 @@ class FullAttention:
 
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
-        return attend_all(cache, layer, q), cache
+        return attend_all(cache, layer, q, self.chunk), cache
 
     def adopt(self, cache: KVCache) -> KVCache:
         return cache
 
 
-# Slots read per step of the decode loop. XLA:CPU copies a layer sliced out of the stacked cache
-# before a dot reads it (128K slots: 100 MB for K alone), so decoding reads it a chunk at a time.
-DECODE_CHUNK = 4096
+# Slots read per step of the decode loop, by backend. XLA:CPU copies a layer sliced out of the
+# stacked cache before a dot reads it (128K slots: 100 MB for K alone), so the CPU reads small
+# chunks; on a GPU each step of the loop costs about 30 us however little it reads (H100), so
+# accelerators read large ones.
+DECODE_CHUNKS = {"cpu": 4096}
+ACCELERATOR_DECODE_CHUNK = 1 << 18
 
 
-def attend_all(cache: KVCache, layer: Array, q: Array, chunk: int = DECODE_CHUNK) -> Array:
+def decode_chunk() -> int:
+    """Slots per step of `attend_all`'s loop on the default backend."""
+    return DECODE_CHUNKS.get(jax.default_backend(), ACCELERATOR_DECODE_CHUNK)
+
+
+def attend_all(cache: KVCache, layer: Array, q: Array, chunk: int | None = None) -> Array:
     """Exact attention of one new query per row over every written slot; q [B,1,Hq,D].
 
-    An online softmax over chunks of `chunk` slots, up to the longest row's last written slot
-    (a cache longer than what is written costs nothing).
+    An online softmax over chunks of `chunk` slots (default: `decode_chunk()`), up to the
+    longest row's last written slot (a cache longer than what is written costs nothing).
     """
     b, _, hq, d = q.shape
     hkv, max_len = cache.k.shape[2], cache.max_len
     qg = q.reshape(b, hkv, hq // hkv, d)
-    chunk = min(chunk, max_len)
+    chunk = min(chunk or decode_chunk(), max_len)
 
     def read(start, cache_part):  # [B, Hkv, chunk, D] of one layer
         return jax.lax.dynamic_slice(cache_part, (layer, 0, 0, start, 0), (1, b, hkv, chunk, d))[0]

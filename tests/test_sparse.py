@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dashkv_jax import data
-from dashkv_jax.attention import KVCache
+from dashkv_jax.attention import KVCache, attend_all
 from dashkv_jax.config import ModelConfig
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashed import HashedAttention
@@ -34,6 +34,25 @@ def test_budget_covering_the_context_equals_full_attention(smollm2, method):
         expected, full_cache = decode_step(model, ids[:, t], full_cache)
         got, sparse_cache = decode_step(model, ids[:, t], sparse_cache, attention)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [64, 100, None])  # several chunks, the last overlapping; one
+def test_attend_all_over_chunks_equals_softmax(chunk):
+    rng = np.random.default_rng(0)
+    layers, batch, hkv, group, slots, d = 2, 3, 2, 3, 300, 16
+    shape = (layers, batch, hkv, slots, d)
+    k, v = rng.standard_normal(shape), rng.standard_normal(shape)
+    q = rng.standard_normal((batch, 1, hkv * group, d))
+    lengths = np.array([0, 150, 299])  # attend_all sees slots 0..length (the new token's)
+    cache = KVCache(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(lengths))
+    got = attend_all(cache, jnp.int32(1), jnp.asarray(q, jnp.float32), chunk=chunk)
+    for row, length in enumerate(lengths):
+        qg = q[row, 0].reshape(hkv, group, d)
+        keys, values = k[1, row, :, : length + 1], v[1, row, :, : length + 1]  # [Hkv, S, D]
+        logits = np.einsum("hgd,hsd->hgs", qg, keys) / np.sqrt(d)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        expected = np.einsum("hgs,hsd->hgd", weights / weights.sum(-1, keepdims=True), values)
+        np.testing.assert_allclose(got[row, 0], expected.reshape(hkv * group, d), atol=1e-5)
 
 
 def _one_layer_cache(keys, values):
