@@ -6,7 +6,8 @@ For each head shape and cache length N (batch 1), it times:
   asym      asymmetric_scores (real query weights against the packed bits)
   qk        exact float32 q.K logits of the same tokens (K in float32, head_dim wide), summed
             over the G query heads of each KV head
-  select    select_topk of the hamming scores at k = N/32
+  select    the radix select (`pallas_kernels.select.select_topk`) of the hamming scores at
+            k = N/32, on every backend (`pk.select_topk` routes to lax.top_k on GPU)
   top_k     lax.top_k of the same int32 scores, and of the float32 q.K scores
   pipeline  hamming_topk (scores + selection) against q.K + lax.top_k
 and prints a table, then the goals as met or not. Times are the minimum over --repeats runs after
@@ -29,6 +30,9 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as is
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 # name: (KV heads, query heads per KV head G, bits b, head_dim)
@@ -90,6 +94,7 @@ def main(argv=None):
     from jax import lax
 
     import pallas_kernels as pk
+    from pallas_kernels.select import select_topk as radix_select  # on every backend
 
     def best_time(fn, *fn_args):
         jax.block_until_ready(fn(*fn_args))  # compile and warm up
@@ -142,7 +147,7 @@ def main(argv=None):
             asymmetric = jax.jit(
                 lambda q, c, n, impl=impl: pk.asymmetric_scores(q, c, n, implementation=impl)
             )
-            select = jax.jit(lambda s, k=k, r=max_score: pk.select_topk(s, k, value_range=(-r, r)))
+            select = jax.jit(lambda s, k=k, r=max_score: radix_select(s, k, value_range=(-r, r)))
             top_k = jax.jit(lambda s, k=k: lax.top_k(s, k))
             fused = jax.jit(lambda q, c, n, k=k, impl=impl: pk.hamming_topk(q, c, n, k, impl))
             float_pipeline = jax.jit(lambda q, x, k=k: lax.top_k(float_logits(q, x), k))

@@ -21,6 +21,7 @@ import functools
 from typing import Literal
 
 import jax
+from jax import lax
 
 from pallas_kernels import common, pallas_gpu, pallas_tpu, reference, select
 
@@ -118,8 +119,17 @@ def asymmetric_scores(
     return _ASYMMETRIC[implementation](q_weights, k_codes, lengths)
 
 
-# One selection routine for every backend and score type.
-select_topk = select.select_topk
+def select_topk(
+    scores: jax.Array, k: int, value_range: tuple[int, int] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(scores, k)` by the fastest exact route on this backend: the linear-time radix
+    select (`select.select_topk`, which takes the same arguments), except on GPU, where XLA's
+    own top_k measured faster (H100, k = N/8: radix select 0.34x of it at N = 128K, 0.7x at 1M).
+    """
+    if jax.default_backend() == "gpu":
+        common.check_topk_inputs(scores, k)
+        return lax.top_k(scores, k)
+    return select.select_topk(scores, k, value_range)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "implementation"))
@@ -149,4 +159,4 @@ def hamming_topk(
     scores = _HAMMING[implementation](q_codes, k_codes, lengths)  # [B, Hkv, N]
     # Real hamming scores lie in [-G*b, G*b]: the radix select's first window, known statically.
     max_score = q_codes.shape[2] * common.WORD_BITS * n_words
-    return select.select_topk(scores, k, value_range=(-max_score, max_score))
+    return select_topk(scores, k, value_range=(-max_score, max_score))

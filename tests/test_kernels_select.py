@@ -10,13 +10,14 @@ import pytest
 from jax import lax
 
 import pallas_kernels as pk
+from pallas_kernels import select
 
 INT32_MIN = np.iinfo(np.int32).min
 
 
 def assert_matches_top_k(scores, k, **kwargs):
     scores = jnp.asarray(scores)
-    values, indices = pk.select_topk(scores, k, **kwargs)
+    values, indices = select.select_topk(scores, k, **kwargs)
     expected_values, expected_indices = lax.top_k(scores, k)
     np.testing.assert_array_equal(np.asarray(indices), np.asarray(expected_indices))
     # Compare bit patterns, so that -0.0 and +0.0 count as different.
@@ -27,7 +28,7 @@ def assert_matches_top_k(scores, k, **kwargs):
 
 def test_hand_computed():
     # Ties go to the lower index: the three 3s at 0, 2, 4 come in that order.
-    values, indices = pk.select_topk(jnp.asarray([3, 1, 3, 2, 3, INT32_MIN], jnp.int32), 5)
+    values, indices = select.select_topk(jnp.asarray([3, 1, 3, 2, 3, INT32_MIN], jnp.int32), 5)
     np.testing.assert_array_equal(values, [3, 3, 3, 2, 1])
     np.testing.assert_array_equal(indices, [0, 2, 4, 3, 1])
 
@@ -101,17 +102,26 @@ def _sort_sizes(jaxpr):
 
 def test_no_sort_of_the_n_scores():
     n, k = 1 << 16, 1 << 11
-    jaxpr = jax.make_jaxpr(lambda s: pk.select_topk(s, k))(jnp.zeros((4, n), jnp.int32))
+    jaxpr = jax.make_jaxpr(lambda s: select.select_topk(s, k))(jnp.zeros((4, n), jnp.int32))
     sizes = _sort_sizes(jaxpr.jaxpr)
     assert sizes and all(name == "sort" and size <= k for name, size in sizes), sizes
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="scores.dtype"):
-        pk.select_topk(jnp.zeros((2, 8), jnp.int16), 2)
+        select.select_topk(jnp.zeros((2, 8), jnp.int16), 2)
     with pytest.raises(ValueError, match=r"k=0 for scores_shape=\(2, 8\)"):
-        pk.select_topk(jnp.zeros((2, 8), jnp.int32), 0)
+        select.select_topk(jnp.zeros((2, 8), jnp.int32), 0)
     with pytest.raises(ValueError, match="k=9"):
-        pk.select_topk(jnp.zeros((2, 8), jnp.float32), 9)
+        select.select_topk(jnp.zeros((2, 8), jnp.float32), 9)
     with pytest.raises(ValueError, match="value_range"):
-        pk.select_topk(jnp.zeros((2, 8), jnp.float32), 2, value_range=(0, 1))
+        select.select_topk(jnp.zeros((2, 8), jnp.float32), 2, value_range=(0, 1))
+
+
+def test_backend_route_equals_top_k():
+    # pk.select_topk: the radix select here, XLA's top_k on GPU; the same answer either way.
+    scores = jnp.asarray(np.random.default_rng(0).integers(-50, 50, (3, 2, 1000)), jnp.int32)
+    values, indices = pk.select_topk(scores, 100)
+    expected_values, expected_indices = lax.top_k(scores, 100)
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(expected_indices))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(expected_values))
