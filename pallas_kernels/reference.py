@@ -119,13 +119,21 @@ def asymmetric_scores_reference(
     The group sum is taken first (sum_g w_gi), then bits are added in order i = 0, 1, ..., b-1.
     """
     weights = jnp.sum(q_weights, axis=2)  # [B, Hkv, b]
-    scores = jnp.zeros(k_codes.shape[:3], jnp.float32)  # [B, Hkv, N]
-    for w in range(k_codes.shape[-1]):
-        k_word = k_codes[..., w]  # [B, Hkv, N]
+
+    def add_word(w, scores):  # scores [B, Hkv, N] += the 32 bits of word w, in order
+        k_word = lax.dynamic_index_in_dim(k_codes, w, axis=3, keepdims=False)  # [B, Hkv, N]
+        word_weights = lax.dynamic_slice_in_dim(weights, w * WORD_BITS, WORD_BITS, axis=2)
         for j in range(WORD_BITS):
-            weight = weights[:, :, WORD_BITS * w + j, None]  # [B, Hkv, 1]
+            weight = word_weights[:, :, j, None]  # [B, Hkv, 1]
             bit_set = (k_word >> j) & 1 == 1
             scores += jnp.where(bit_set, weight, -weight)
+        return scores
+
+    # A loop, not 128 adds in one expression: XLA:CPU fused that expression into each consumer
+    # (the top-C's mask packing, 7 places) and recomputed it there, 5-25x the cost of the top-C.
+    scores = lax.fori_loop(
+        0, k_codes.shape[-1], add_word, jnp.zeros(k_codes.shape[:3], jnp.float32)
+    )  # [B, Hkv, N]
     return jnp.where(valid_slots(lengths, k_codes.shape[2]), scores, common.ASYMMETRIC_SENTINEL)
 
 
