@@ -190,13 +190,11 @@ def stage_times(n: int, budget: str, candidates: str, repeats: int) -> dict:
     row, before = {"n": n, "candidates": n_top}, 0.0
     for name, fn in {**prefixes, "full": full}.items():
         step = jax.jit(fn)
-        jax.block_until_ready(step(cache, q))  # compile and warm
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(step(cache, q))
-            times.append((time.perf_counter() - start) * 1e3)
-        total = statistics.median(times)
+
+        def threaded(cache, q, step=step):  # the (out, state) shape median_ms times
+            return step(cache, q), cache
+
+        total, _ = median_ms(threaded, cache, (q,), repeats)
         row[f"{name}_ms"] = total if name == "full" else total - before
         before = total if name in prefixes else before
     row["dashkv_ms"] = before
