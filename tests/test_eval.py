@@ -117,6 +117,17 @@ def test_bench_decode_bundled_config_is_the_ggufs():
     )
 
 
+def test_bench_decode_stages(tmp_path):
+    argv = ["--stages", "--lengths", "1024", "--budget", "1/4", "--repeats", "1"]
+    assert bench_decode.main([*argv, "--out", str(tmp_path / "stages")]) == 0
+    (row,) = json.loads((tmp_path / "stages.json").read_text())["stages"]
+    stages = ("scores", "top_c", "gather_qk", "fine_cut", "attend")
+    # The stages are differences of one run's prefixes: they add up to the whole step.
+    assert sum(row[f"{name}_ms"] for name in stages) == pytest.approx(row["dashkv_ms"])
+    # C covers the 256 - 4 sinks - 64 window tokens the budget selects (more than 1024 / 8).
+    assert row["dashkv_ms"] > 0 and row["full_ms"] > 0 and row["candidates"] == 188
+
+
 def test_bench_decode_random_weights_end_to_end():
     row = bench_decode.end_to_end("1/4", "1/4", context=512, steps=1, weights="random")
     assert row["weights"] == "random" and row["full_tokens_per_s"] > 0
