@@ -13,7 +13,6 @@
 set -uo pipefail
 out=${1:-runs/gpu}
 python=${2:-python3}
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -24,6 +23,12 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure a
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
 
+# Without a GPU the kernel suite would skip itself and the benchmarks time the CPU: refuse.
+if ! $python -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; then
+    echo "error: $python sees no GPU through jax (jax with CUDA needed); nothing was run" >&2
+    exit 2
+fi
+mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $python -c 'import jax; print("jax", jax.__version__, jax.devices())'
 step kernel_tests $python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
