@@ -5,9 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, METHODS
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.loaders import DEFAULT_MODEL
-from dashkv_jax.methods import DEFAULT_CANDIDATES, METHODS
+from dashkv_jax.models.loaders import DEFAULT_MODEL
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,7 +132,7 @@ def _add_recall_parser(commands) -> None:
 def _info(args) -> None:
     import jax
 
-    from dashkv_jax.loaders import load_model
+    from dashkv_jax.models.loaders import load_model
 
     model, _ = load_model(args.model)
     c = model.config
@@ -155,7 +155,7 @@ def _info(args) -> None:
 
 def _generate(args) -> None:
     from dashkv_jax.generate import Sampling, generate
-    from dashkv_jax.loaders import load_model
+    from dashkv_jax.models.loaders import load_model
 
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
@@ -192,9 +192,9 @@ def _generate(args) -> None:
 
 
 def _recall(args) -> None:
-    from dashkv_jax import recall
-    from dashkv_jax.hasher_io import default_hasher_path, read_metadata
-    from dashkv_jax.loaders import load_model
+    from dashkv_jax.evaluation import recall
+    from dashkv_jax.hashing.artifact import default_hasher_path, read_metadata
+    from dashkv_jax.models.loaders import load_model
 
     if not args.text_file.is_file():
         raise DashKVError(f"no text file at {str(args.text_file)!r}")

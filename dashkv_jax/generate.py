@@ -10,11 +10,11 @@ from flax import nnx
 from jax.experimental import io_callback
 from tokenizers import Tokenizer
 
-from dashkv_jax.attention import Attention, FullAttention
+from dashkv_jax.attention.full import Attention, FullAttention
+from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, make_attention, parse_budget
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.methods import DEFAULT_CANDIDATES, make_attention, parse_budget
-from dashkv_jax.model import Llama
-from dashkv_jax.tokenizer import render_chat
+from dashkv_jax.models.llama import Llama
+from dashkv_jax.models.tokenizer import render_chat
 
 Array = jax.Array
 
@@ -142,9 +142,9 @@ def generate(
 ) -> str:
     """Generate a continuation of `prompt` (optionally wrapped in the chat template) as text.
 
-    `attention` is a method name from `dashkv_jax.methods` or an attention backend. A name takes
-    `budget` and `candidates` ('1/32' of the final context, or token counts) and, for hashed
-    methods, `hasher` (an artifact path or a `Hasher`; `dashkv` defaults to the shipped one).
+    `attention` is a method name from `dashkv_jax.attention.methods` or an attention backend. A
+    name takes `budget` and `candidates` ('1/32' of the final context, or token counts) and, for
+    hashed methods, `hasher` (an artifact path or a `Hasher`; `dashkv` defaults to the shipped one).
     """
     ids = _prompt_ids(model, tokenizer, prompt, chat, max_new_tokens)
     if isinstance(attention, str):

@@ -6,11 +6,12 @@
 Attention step: one decode step's attention over every layer of the bundled model's shape
 (30 layers, 9 query / 3 KV heads, head_dim 64, batch 1) on a synthetic cache of N tokens (random
 keys, values and key codes: the cost does not depend on their values), through the same
-`decode` the model calls: full attention reads every K and V; DASH-KV (`dashkv_jax.hashed`, every
-layer sparse) encodes the query, scores the packed codes, selects C candidates, ranks them
-exactly and attends to sinks + window + the adaptive cut of at most k_max tokens. One layer's
-cache is allocated and the step runs over it once per layer (30 identical layers at 1M tokens
-would take 46 GB in float32). Reported: the median over --repeats of the whole 30-layer step.
+`decode` the model calls: full attention reads every K and V; DASH-KV
+(`dashkv_jax.attention.hashed`, every layer sparse) encodes the query, scores the packed codes,
+selects C candidates, ranks them exactly and attends to sinks + window + the adaptive cut of at
+most k_max tokens. One layer's cache is allocated and the step runs over it once per layer (30
+identical layers at 1M tokens would take 46 GB in float32). Reported: the median over --repeats
+of the whole 30-layer step.
 
 Cache memory: bytes of K + V and of the code cache for the whole model at N (float32, b bits).
 
@@ -40,13 +41,13 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pallas_kernels  # noqa: E402
-from dashkv_jax.attention import FullAttention, attend_all, decode_chunk  # noqa: E402
-from dashkv_jax.config import ModelConfig  # noqa: E402
+from dashkv_jax.attention.full import FullAttention, attend_all, decode_chunk  # noqa: E402
+from dashkv_jax.attention.hashed import CodeCache, HashedAttention, exclude_below  # noqa: E402
+from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, parse_budget  # noqa: E402
+from dashkv_jax.attention.sparse import SparseAttention, gather_rows  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
-from dashkv_jax.hashed import CodeCache, HashedAttention, exclude_below  # noqa: E402
-from dashkv_jax.hashing import Hasher, HasherConfig  # noqa: E402
-from dashkv_jax.methods import DEFAULT_CANDIDATES, parse_budget  # noqa: E402
-from dashkv_jax.sparse import SparseAttention, gather_rows  # noqa: E402
+from dashkv_jax.hashing.encoders import Hasher, HasherConfig  # noqa: E402
+from dashkv_jax.models.config import ModelConfig  # noqa: E402
 
 DEFAULT_LENGTHS = (8192, 32768, 131072, 524288, 1048576)
 # The bundled SmolLM2-135M-Instruct's architecture (test_eval pins it against the GGUF).
@@ -153,7 +154,7 @@ def stage_times(n: int, budget: str, candidates: str, repeats: int) -> dict:
     """Where one layer's DASH-KV step spends its time at n tokens: each stage timed as the
     prefix of the step that ends with it (a prefix's outputs are small, so each is its own jit),
     differences taken against the prefix before. Full attention's step is timed beside it."""
-    from dashkv_jax.sparse import middle_bounds
+    from dashkv_jax.attention.sparse import middle_bounds
 
     tokens, n_candidates = parse_budget(budget, n), parse_budget(candidates, n)
     dashkv = untrained_dashkv(tokens, n_candidates, layers=1, dense_layers=0)
@@ -213,7 +214,7 @@ def stages_table(rows: list[dict]) -> str:
 
 def end_to_end(budget: str, candidates: str, context: int, steps: int, weights: str) -> dict:
     """Decode tokens/s of the bundled model at `context`, full against DASH-KV, interleaved."""
-    from dashkv_jax.model import Llama, decode_step, prefill
+    from dashkv_jax.models.llama import Llama, decode_step, prefill
 
     max_len = context + 2 * steps + 2
     tokens, n_candidates = parse_budget(budget, max_len), parse_budget(candidates, max_len)
@@ -223,8 +224,8 @@ def end_to_end(budget: str, candidates: str, context: int, steps: int, weights: 
         dashkv = untrained_dashkv(tokens, n_candidates, layers=BUNDLED.num_layers)
     else:
         from dashkv_jax import data
-        from dashkv_jax.loaders import load_model
-        from dashkv_jax.methods import make_attention
+        from dashkv_jax.attention.methods import make_attention
+        from dashkv_jax.models.loaders import load_model
 
         model, tokenizer = load_model()
         docs = data.load_documents(split="heldout")

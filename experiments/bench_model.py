@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dashkv_jax import DEFAULT_MODEL, data, load_model
-from dashkv_jax.model import Llama, prefill
+from dashkv_jax.models.llama import Llama, prefill
 
 
 @nnx.jit(static_argnames="steps", donate_argnames="cache")

@@ -45,10 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from dashkv_jax import data, load_model  # noqa: E402
-from dashkv_jax.errors import DashKVError  # noqa: E402
-from dashkv_jax.methods import make_attention, parse_budget  # noqa: E402
-from dashkv_jax.model import decode_step, prefill  # noqa: E402
-from dashkv_jax.sharded import (  # noqa: E402
+from dashkv_jax.attention.methods import make_attention, parse_budget  # noqa: E402
+from dashkv_jax.attention.sharded import (  # noqa: E402
     BATCH,
     SEQ,
     DecodeConfig,
@@ -58,6 +56,8 @@ from dashkv_jax.sharded import (  # noqa: E402
     place,
     shard_model,
 )
+from dashkv_jax.errors import DashKVError  # noqa: E402
+from dashkv_jax.models.llama import decode_step, prefill  # noqa: E402
 
 CONFIG_PREFIX = "decode_"
 DEFAULT_CONFIG = "cpu8"

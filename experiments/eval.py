@@ -8,12 +8,13 @@ Sections (--sections, default all):
   perplexity  decode-mode perplexity on held-out text: every position attends through the
               method (teacher-forced), with the mean budget the adaptive cut actually used
   synthetic   RULER-style passkey / multi-key needle / variable tracking on held-out text at
-              each length and depth (`dashkv_jax.synthetic`), greedy answers scored exactly
+              each length and depth (`dashkv_jax.evaluation.synthetic`), greedy answers scored
+              exactly
   recall      retrieval fidelity of the hashed selections against the oracle top-k: top-k
-              recall, IoU and attention-mass recall (`dashkv_jax.recall`)
+              recall, IoU and attention-mass recall (`dashkv_jax.evaluation.recall`)
   longbench   THUDM/LongBench tasks with their official prompts and metrics
-              (`dashkv_jax.longbench`); only with --longbench-data DIR (the unzipped official
-              data.zip: the Hub copy needs a loading script `datasets` no longer runs)
+              (`dashkv_jax.evaluation.longbench`); only with --longbench-data DIR (the unzipped
+              official data.zip: the Hub copy needs a loading script `datasets` no longer runs)
 Writes OUT/results.json, OUT/results.md (tables) and OUT/*.png (plots: perplexity and recall
 against budget, one needle heat map per method). With --resume, rows OUT/results.json already
 holds (same model and settings) are kept rather than run again: an interrupted run picks up
@@ -33,15 +34,16 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dashkv_jax import data, synthetic  # noqa: E402
+from dashkv_jax import data  # noqa: E402
+from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, METHODS, make_attention, parse_budget  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
+from dashkv_jax.evaluation import synthetic  # noqa: E402
+from dashkv_jax.evaluation.longbench import ENGLISH_TASKS, run_longbench  # noqa: E402
+from dashkv_jax.evaluation.perplexity import decode_perplexity  # noqa: E402
+from dashkv_jax.evaluation.recall import Budget, recall_report  # noqa: E402
 from dashkv_jax.generate import generate_each  # noqa: E402
-from dashkv_jax.hasher_io import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER  # noqa: E402
-from dashkv_jax.loaders import DEFAULT_MODEL, load_model  # noqa: E402
-from dashkv_jax.longbench import ENGLISH_TASKS, run_longbench  # noqa: E402
-from dashkv_jax.methods import DEFAULT_CANDIDATES, METHODS, make_attention, parse_budget  # noqa: E402
-from dashkv_jax.perplexity import decode_perplexity  # noqa: E402
-from dashkv_jax.recall import Budget, recall_report  # noqa: E402
+from dashkv_jax.hashing.artifact import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER  # noqa: E402
+from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
 
 SECTIONS = ("perplexity", "synthetic", "recall", "longbench")
 # Generation budgets never go below 4 sinks + 64 window + 60 selected tokens (1/16 of 1K is 64).

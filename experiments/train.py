@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import configs  # noqa: E402
 
-from dashkv_jax import training  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
+from dashkv_jax.hashing import training  # noqa: E402
 
 # Shortcut flags -> dotted config fields.
 SHORTCUTS = {

@@ -104,7 +104,7 @@ def test_bench_decode_prints_one_json_list(tmp_path):
 def test_bench_decode_bundled_config_is_the_ggufs():
     import gguf
 
-    from dashkv_jax import loaders
+    from dashkv_jax.models import loaders
 
     reader = gguf.GGUFReader(loaders.bundled_gguf_path())
     names = {t.name for t in reader.tensors}

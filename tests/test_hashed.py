@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
-from dashkv_jax.hashed import HashedAttention, adaptive_cut
-from dashkv_jax.hashing import HasherConfig, simhash
-from dashkv_jax.model import decode_step, prefill
+from dashkv_jax.attention.hashed import HashedAttention, adaptive_cut
+from dashkv_jax.hashing.encoders import HasherConfig, simhash
+from dashkv_jax.models.llama import decode_step, prefill
 
 
 @pytest.fixture(scope="module")

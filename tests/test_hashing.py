@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dashkv_jax.config import ModelConfig
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hasher_io import (
+from dashkv_jax.hashing.artifact import (
     DEFAULT_HASHER,
     DEFAULT_SYMMETRIC_HASHER,
     load_hasher,
     read_metadata,
     save_hasher,
 )
-from dashkv_jax.hashing import (
+from dashkv_jax.hashing.encoders import (
     Hasher,
     HasherConfig,
     fit_input_stats,
@@ -26,6 +25,7 @@ from dashkv_jax.hashing import (
     signs,
     simhash,
 )
+from dashkv_jax.models.config import ModelConfig
 from pallas_kernels.packing import pack_bits
 
 LAYERS, HQ, HKV, D = 3, 6, 2, 16  # G = 3 query heads per KV head

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dashkv_jax import data, synthetic
-from dashkv_jax.attention import FullAttention
-from dashkv_jax.methods import make_attention, parse_budget
-from dashkv_jax.model import decode_step, prefill
-from dashkv_jax.tokenizer import render_chat
+from dashkv_jax import data
+from dashkv_jax.attention.full import FullAttention
+from dashkv_jax.attention.methods import make_attention, parse_budget
+from dashkv_jax.evaluation import synthetic
+from dashkv_jax.models.llama import decode_step, prefill
+from dashkv_jax.models.tokenizer import render_chat
 
 CONTEXT = 4096
 NEW_TOKENS = 32

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dashkv_jax import DashKVError, longbench
-from dashkv_jax.longbench import (
+from dashkv_jax import DashKVError
+from dashkv_jax.evaluation import longbench
+from dashkv_jax.evaluation.longbench import (
     FIELDS,
     MAX_NEW_TOKENS,
     NO_CHAT_TASKS,
@@ -19,7 +20,7 @@ from dashkv_jax.longbench import (
     run_longbench,
     truncate_middle,
 )
-from dashkv_jax.metrics import (
+from dashkv_jax.evaluation.metrics import (
     TASK_METRICS,
     classification_score,
     code_sim_score,

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
+from dashkv_jax.attention.methods import make_attention
 from dashkv_jax.generate import Sampling, generate, generate_each, generate_ids, sample
-from dashkv_jax.loaders import undo_rope_permutation
-from dashkv_jax.methods import make_attention
-from dashkv_jax.model import (
+from dashkv_jax.models.llama import (
     apply_rope,
     capture_qk,
     decode_step,
@@ -17,6 +16,7 @@ from dashkv_jax.model import (
     prefill,
     rope_frequencies,
 )
+from dashkv_jax.models.loaders import undo_rope_permutation
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
-from dashkv_jax.model import forward
-from dashkv_jax.perplexity import decode_perplexity
-from dashkv_jax.sparse import OracleAttention, StreamingAttention
+from dashkv_jax.attention.sparse import OracleAttention, StreamingAttention
+from dashkv_jax.evaluation.perplexity import decode_perplexity
+from dashkv_jax.models.llama import forward
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from dashkv_jax import data, load_model
-from dashkv_jax.loaders import bundled_gguf_path
-from dashkv_jax.model import forward
-from dashkv_jax.tokenizer import render_chat
+from dashkv_jax.models.llama import forward
+from dashkv_jax.models.loaders import bundled_gguf_path
+from dashkv_jax.models.tokenizer import render_chat
 
 torch = pytest.importorskip(
     "torch", reason="reference extra not installed (pip install .[reference])"

@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
-from dashkv_jax.attention import FullAttention
+from dashkv_jax.attention.full import FullAttention
+from dashkv_jax.attention.methods import make_attention, parse_budget
+from dashkv_jax.attention.sharded import (
+    DecodeConfig,
+    ShardedAttention,
+    make_mesh,
+    parse_mesh,
+    shard_model,
+)
+from dashkv_jax.attention.sparse import OracleAttention, middle_bounds
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.methods import make_attention, parse_budget
-from dashkv_jax.model import capture_qk, decode_step, prefill
-from dashkv_jax.sharded import DecodeConfig, ShardedAttention, make_mesh, parse_mesh, shard_model
-from dashkv_jax.sparse import OracleAttention, middle_bounds
+from dashkv_jax.models.llama import capture_qk, decode_step, prefill
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 8,

@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 
 from dashkv_jax import data
-from dashkv_jax.attention import KVCache, attend_all
-from dashkv_jax.config import ModelConfig
+from dashkv_jax.attention.full import KVCache, attend_all
+from dashkv_jax.attention.hashed import HashedAttention
+from dashkv_jax.attention.methods import parse_budget
+from dashkv_jax.attention.sparse import OracleAttention, QuestAttention, StreamingAttention
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashed import HashedAttention
-from dashkv_jax.hashing import HasherConfig, simhash
-from dashkv_jax.methods import parse_budget
-from dashkv_jax.model import decode_step, prefill
-from dashkv_jax.sparse import OracleAttention, QuestAttention, StreamingAttention
+from dashkv_jax.hashing.encoders import HasherConfig, simhash
+from dashkv_jax.models.config import ModelConfig
+from dashkv_jax.models.llama import decode_step, prefill
 
 METHODS = [OracleAttention, StreamingAttention, QuestAttention]
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dashkv_jax import synthetic
 from dashkv_jax.errors import DashKVError
+from dashkv_jax.evaluation import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dashkv_jax.capture import CaptureConfig, Captured, capture, oracle_targets
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hasher_io import load_hasher, read_metadata
-from dashkv_jax.hashing import fit_input_stats, simhash
-from dashkv_jax.model import apply_rope, rope_frequencies
-from dashkv_jax.recall import evaluate
-from dashkv_jax.training import (
+from dashkv_jax.evaluation.recall import evaluate
+from dashkv_jax.hashing.artifact import load_hasher, read_metadata
+from dashkv_jax.hashing.capture import CaptureConfig, Captured, capture, oracle_targets
+from dashkv_jax.hashing.encoders import fit_input_stats, simhash
+from dashkv_jax.hashing.training import (
     Batches,
     RunConfig,
     Stepper,
@@ -32,6 +31,7 @@ from dashkv_jax.training import (
     run,
     shift_positions,
 )
+from dashkv_jax.models.llama import apply_rope, rope_frequencies
 
 TRAIN = CaptureConfig(split="train", context=512, contexts=3, queries_per_context=48)
 HELDOUT = CaptureConfig(split="heldout", context=512, contexts=2, queries_per_context=32)

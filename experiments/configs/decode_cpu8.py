@@ -6,7 +6,7 @@ The per-device capacity of 1024 slots stands for an accelerator too small for th
 devices share the CPU's cores, so timings show sharding's overheads, not its speed-up.
 """
 
-from dashkv_jax.sharded import DecodeConfig
+from dashkv_jax.attention.sharded import DecodeConfig
 
 CONFIG = DecodeConfig(
     name="cpu8",

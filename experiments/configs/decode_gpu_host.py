@@ -1,8 +1,9 @@
 """One host with 8 GPUs (e.g. 8 x H100 80 GB): Llama-3.1-8B-Instruct at its full 128K context.
 
 The caches split 8 ways along the sequence (16K slots per GPU); the weights split 8 ways too
-(`dashkv_jax.sharded.WEIGHT_SPECS`). Per token and layer the bf16 cache holds K and V for 8 KV
-heads of 128 dims (4 KiB) plus 8 codes of 128 bits (128 B): 132 KiB per token over 32 layers.
+(`dashkv_jax.attention.sharded.WEIGHT_SPECS`). Per token and layer the bf16 cache holds K and V
+for 8 KV heads of 128 dims (4 KiB) plus 8 codes of 128 bits (128 B): 132 KiB per token over 32
+layers.
 The cap of 262144 slots (34 GB of cache) leaves an 80 GB GPU room for its weight shard,
 activations and XLA's workspace.
 
@@ -12,7 +13,7 @@ and `hasher`, a hasher trained for that model, e.g. by
     python experiments/train.py --config llama3_8b_pod --model PATH --out runs/llama31_8b
 """
 
-from dashkv_jax.sharded import DecodeConfig
+from dashkv_jax.attention.sharded import DecodeConfig
 
 CONFIG = DecodeConfig(
     name="gpu_host",

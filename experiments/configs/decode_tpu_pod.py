@@ -13,7 +13,7 @@ Give it `text`, `model` and `hasher` as for decode_gpu_host.py, on every host (o
 they share).
 """
 
-from dashkv_jax.sharded import DecodeConfig
+from dashkv_jax.attention.sharded import DecodeConfig
 
 CONFIG = DecodeConfig(
     name="tpu_pod",

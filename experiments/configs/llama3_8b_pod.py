@@ -8,9 +8,9 @@ cached on shared storage by the first run) and feeds its own shards. Point `--mo
 local Hugging Face folder of meta-llama/Meta-Llama-3-8B (config.json + *.safetensors).
 """
 
-from dashkv_jax.capture import CaptureConfig
-from dashkv_jax.recall import Budget
-from dashkv_jax.training import RunConfig, TrainConfig
+from dashkv_jax.evaluation.recall import Budget
+from dashkv_jax.hashing.capture import CaptureConfig
+from dashkv_jax.hashing.training import RunConfig, TrainConfig
 
 CONFIG = RunConfig(
     name="llama3_8b_pod",

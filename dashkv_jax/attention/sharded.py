@@ -39,11 +39,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from dashkv_jax.attention import FullAttention, backend
+from dashkv_jax.attention.full import FullAttention, backend
+from dashkv_jax.attention.hashed import HashedAttention, exclude_below
+from dashkv_jax.attention.sparse import gather_rows, middle_bounds
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashed import HashedAttention, exclude_below
-from dashkv_jax.loaders import DEFAULT_MODEL
-from dashkv_jax.sparse import gather_rows, middle_bounds
+from dashkv_jax.models.loaders import DEFAULT_MODEL
 
 Array = jax.Array
 
@@ -81,7 +81,7 @@ class DecodeConfig:
 
     name: str
     model: str = DEFAULT_MODEL
-    attention: str = "dashkv"  # a method of dashkv_jax.methods: "full" or a hashed one
+    attention: str = "dashkv"  # a method of dashkv_jax.attention.methods: "full" or a hashed one
     budget: str = "1/32"  # tokens attended per KV head and step, of the context or absolute
     candidates: str = "1/8"  # the coarse filter's output C
     hasher: str | None = None  # an artifact folder; None: the one shipped for the model

@@ -50,13 +50,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dashkv_jax import capture as capture_lib
-from dashkv_jax import hasher_io, recall
-from dashkv_jax.capture import CaptureConfig, Captured, Targets
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashing import Hasher, HasherConfig, fit_input_stats
-from dashkv_jax.loaders import DEFAULT_MODEL
-from dashkv_jax.model import rope_frequencies
+from dashkv_jax.evaluation import recall
+from dashkv_jax.hashing import artifact as hasher_io
+from dashkv_jax.hashing import capture as capture_lib
+from dashkv_jax.hashing.capture import CaptureConfig, Captured, Targets
+from dashkv_jax.hashing.encoders import Hasher, HasherConfig, fit_input_stats
+from dashkv_jax.models.llama import rope_frequencies
+from dashkv_jax.models.loaders import DEFAULT_MODEL
 
 Array = jax.Array
 
@@ -650,7 +651,7 @@ def run(
     `resume_step`). `stop_after` stops after that many steps in total, without evaluating or
     exporting (tests of resumption).
     """
-    from dashkv_jax.loaders import load_model
+    from dashkv_jax.models.loaders import load_model
 
     config.validate()
     start = time.perf_counter()

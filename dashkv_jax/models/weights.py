@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dashkv_jax.config import ModelConfig
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.model import Llama
+from dashkv_jax.models.config import ModelConfig
+from dashkv_jax.models.llama import Llama
 
 # Our stacked parameter name -> Hugging Face per-layer tensor suffix (layer i: model.layers.{i}.).
 HF_LAYER_NAMES = {

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dashkv_jax.capture import Captured, eligible_mask, group_attention
+from dashkv_jax.attention.sparse import page_bound
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashing import Hasher, group_scores
-from dashkv_jax.sparse import page_bound
+from dashkv_jax.hashing.capture import Captured, eligible_mask, group_attention
+from dashkv_jax.hashing.encoders import Hasher, group_scores
 
 Array = jax.Array
 METRICS = ("topk_recall", "iou", "mass_recall")
@@ -211,7 +211,7 @@ def compare_methods(
 ) -> dict:
     """{method: metrics} for Quest, SimHash with the same bits, the symmetric hasher if given,
     and `hasher` in hamming and (asymmetric kind) asymmetric scoring."""
-    from dashkv_jax.hashing import simhash
+    from dashkv_jax.hashing.encoders import simhash
 
     reference = hasher or symmetric
     if reference is None:
@@ -257,8 +257,8 @@ def recall_report(
     `hasher` and `symmetric` are artifact folders (validated against the model) or Hashers.
     Returns a JSON-ready dict: the settings and, per method, the three metrics.
     """
-    from dashkv_jax.capture import CaptureConfig, capture_ids, sample_positions
-    from dashkv_jax.hasher_io import load_hasher
+    from dashkv_jax.hashing.artifact import load_hasher
+    from dashkv_jax.hashing.capture import CaptureConfig, capture_ids, sample_positions
 
     def as_hasher(h):
         return h if h is None or isinstance(h, Hasher) else load_hasher(h, model)

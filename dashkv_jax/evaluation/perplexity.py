@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dashkv_jax.attention import Attention, FullAttention
-from dashkv_jax.model import Llama, prefill
-from dashkv_jax.sparse import SparseAttention
+from dashkv_jax.attention.full import Attention, FullAttention
+from dashkv_jax.attention.sparse import SparseAttention
+from dashkv_jax.models.llama import Llama, prefill
 
 
 def decode_perplexity(model: Llama, ids: np.ndarray, attention: Attention | None = None) -> dict:

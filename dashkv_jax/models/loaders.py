@@ -10,11 +10,11 @@ import numpy as np
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from dashkv_jax.config import ModelConfig, RopeScaling
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.model import Llama
-from dashkv_jax.tokenizer import tokenizer_from_gguf
-from dashkv_jax.weights import build_model
+from dashkv_jax.models.config import ModelConfig, RopeScaling
+from dashkv_jax.models.llama import Llama
+from dashkv_jax.models.tokenizer import tokenizer_from_gguf
+from dashkv_jax.models.weights import build_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

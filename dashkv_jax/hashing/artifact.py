@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashing import Hasher, HasherConfig
-from dashkv_jax.loaders import DEFAULT_MODEL
+from dashkv_jax.hashing.encoders import Hasher, HasherConfig
+from dashkv_jax.models.loaders import DEFAULT_MODEL
 
 FORMAT = 1
 METADATA_FILE = "hasher.json"

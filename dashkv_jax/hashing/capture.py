@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from dashkv_jax import data
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.model import Llama, capture_qk
+from dashkv_jax.models.llama import Llama, capture_qk
 
 Array = jax.Array
 

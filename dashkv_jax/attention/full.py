@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dashkv_jax.config import ModelConfig
+from dashkv_jax.models.config import ModelConfig
 
 Array = jax.Array
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dashkv_jax.attention import Attention, FullAttention, causal_attention
-from dashkv_jax.config import ModelConfig, RopeScaling
+from dashkv_jax.attention.full import Attention, FullAttention, causal_attention
+from dashkv_jax.models.config import ModelConfig, RopeScaling
 
 Array = jax.Array
 

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
-from dashkv_jax.attention import KVCache, backend
-from dashkv_jax.config import ModelConfig
-from dashkv_jax.hashing import Hasher
-from dashkv_jax.sparse import SparseAttention, gather_rows
+from dashkv_jax.attention.full import KVCache, backend
+from dashkv_jax.attention.sparse import SparseAttention, gather_rows
+from dashkv_jax.hashing.encoders import Hasher
+from dashkv_jax.models.config import ModelConfig
 
 Array = jax.Array
 # Asymmetric coarse scores (|score| <= G * bits) are ranked in steps of 1 / ASYMMETRIC_STEPS.

@@ -4,11 +4,16 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
-from dashkv_jax.attention import Attention, FullAttention
+from dashkv_jax.attention.full import Attention, FullAttention
+from dashkv_jax.attention.hashed import HashedAttention
+from dashkv_jax.attention.sparse import (
+    OracleAttention,
+    QuestAttention,
+    SparseAttention,
+    StreamingAttention,
+)
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashed import HashedAttention
-from dashkv_jax.hashing import Hasher, HasherConfig, simhash
-from dashkv_jax.sparse import OracleAttention, QuestAttention, SparseAttention, StreamingAttention
+from dashkv_jax.hashing.encoders import Hasher, HasherConfig, simhash
 
 BUDGETED = {
     "oracle": OracleAttention,
@@ -79,7 +84,7 @@ def method_hasher(method: str, model, hasher) -> Hasher:
     """The hasher hashed `method` runs with: `hasher` (a `Hasher` or an artifact path, checked
     against `model`), else the one shipped for the bundled model (random projections for
     `simhash`)."""
-    from dashkv_jax.hasher_io import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER, load_hasher
+    from dashkv_jax.hashing.artifact import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER, load_hasher
 
     if model is None:
         raise DashKVError(f"--attention {method} needs the model its hasher must fit")

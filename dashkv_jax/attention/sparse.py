@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dashkv_jax.attention import (
+from dashkv_jax.attention.full import (
     FullAttention,
     KVCache,
     attend_all,

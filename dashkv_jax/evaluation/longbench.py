@@ -11,8 +11,8 @@ budget="1/32")` follows LongBench's `pred.py` and `eval.py`:
   length: the first and last halves of its tokens are kept, since instructions sit at both ends;
 - chat models get their chat template, except on the few-shot and code tasks (`NO_CHAT_TASKS`);
 - decoding is greedy, for the task's official number of tokens (`MAX_NEW_TOKENS`);
-- each prediction is scored by the task's official metric (`dashkv_jax.metrics`), best over the
-  sample's answers, and a task's score is the mean x100.
+- each prediction is scored by the task's official metric (`dashkv_jax.evaluation.metrics`),
+  best over the sample's answers, and a task's score is the mean x100.
 
 One difference: on samsum LongBench also stops generating at a newline; here the model runs to
 its end-of-sequence token or the limit, and the first line is scored either way.
@@ -26,12 +26,12 @@ import datasets
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, HASHED, METHODS, method_hasher
 from dashkv_jax.errors import DashKVError
+from dashkv_jax.evaluation.metrics import TASK_METRICS, mean_score, score_prediction
 from dashkv_jax.generate import generate
-from dashkv_jax.methods import DEFAULT_CANDIDATES, HASHED, METHODS, method_hasher
-from dashkv_jax.metrics import TASK_METRICS, mean_score, score_prediction
-from dashkv_jax.model import Llama
-from dashkv_jax.tokenizer import render_chat
+from dashkv_jax.models.llama import Llama
+from dashkv_jax.models.tokenizer import render_chat
 
 HUB_DATASET = "THUDM/LongBench"
 # The fields of every official sample (LongBench's README, "Data Format").
