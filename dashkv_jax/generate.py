@@ -10,9 +10,10 @@ from flax import nnx
 from jax.experimental import io_callback
 from tokenizers import Tokenizer
 
-from dashkv_jax.attention.full import Attention, FullAttention
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, make_attention, parse_budget
 from dashkv_jax.errors import DashKVError
+from dashkv_jax.models.causal import Attention
 from dashkv_jax.models.llama import Llama
 from dashkv_jax.models.tokenizer import render_chat
 
@@ -77,8 +78,8 @@ def generate_ids(
 def prefill_exact(model: Llama, prompt: Array, max_len: int):
     """Exact prefill of `prompt` [B, T] into a `max_len`-slot KV cache -> (logits [B, V], cache),
     which every backend can `adopt`: one prefill shared by several methods."""
-    cache = model.init_cache(prompt.shape[0], max_len)
-    return model.prefill(prompt, cache)
+    full = FullAttention()
+    return model.prefill(prompt, model.init_cache(prompt.shape[0], max_len, full), full)
 
 
 @nnx.jit(static_argnames=("max_new_tokens", "sampling"))

@@ -21,7 +21,10 @@ import numpy as np
 from flax import nnx
 
 from dashkv_jax import DEFAULT_MODEL, data, load_model
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.models.llama import Llama, prefill
+
+FULL = FullAttention()
 
 
 @nnx.jit(static_argnames="steps", donate_argnames="cache")
@@ -30,7 +33,7 @@ def decode_steps(model: Llama, token, cache, *, steps: int):
 
     def step(_, carry):
         token, cache = carry
-        logits, cache = model.decode_step(token, cache)
+        logits, cache = model.decode_step(token, cache, FULL)
         return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
     return jax.lax.fori_loop(0, steps, step, (token, cache))
@@ -56,7 +59,7 @@ def bench_prefill(model, tokenizer, length: int, repeats: int) -> dict:
     ids = _real_ids(tokenizer, length)
 
     def run():
-        return prefill(model, ids, model.init_cache(1, length))[0]
+        return prefill(model, ids, model.init_cache(1, length, FULL), FULL)[0]
 
     seconds = _median_seconds(run, repeats)
     return {
@@ -69,7 +72,7 @@ def bench_prefill(model, tokenizer, length: int, repeats: int) -> dict:
 
 def bench_decode(model, tokenizer, context: int, steps: int, repeats: int) -> dict:
     ids = _real_ids(tokenizer, context)
-    logits, filled = prefill(model, ids, model.init_cache(1, context + steps))
+    logits, filled = prefill(model, ids, model.init_cache(1, context + steps, FULL), FULL)
     first = jnp.argmax(logits, -1).astype(jnp.int32)
     # Every run starts from a copy of the same prefilled cache (the loop donates its input).
     seconds = _median_seconds(

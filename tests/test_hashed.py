@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.hashed import HashedAttention, adaptive_cut
 from dashkv_jax.hashing.encoders import HasherConfig, simhash
 from dashkv_jax.models.llama import decode_step, prefill
+
+FULL = FullAttention()
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +42,15 @@ def test_adaptive_cut_by_hand():
 def test_budget_covering_the_context_equals_full_attention(
     smollm2, text_ids, random_hasher, scoring
 ):
+
     model, _ = smollm2
     attention = HashedAttention(
         budget=256, candidates=256, tau=1.0, hasher=random_hasher, scoring=scoring
     )
-    _, full_cache = prefill(model, text_ids[:, :170], model.init_cache(1, 192))
+    _, full_cache = prefill(model, text_ids[:, :170], model.init_cache(1, 192, FULL), FULL)
     _, cache = prefill(model, text_ids[:, :170], model.init_cache(1, 192, attention), attention)
     for t in range(170, 173):
-        expected, full_cache = decode_step(model, text_ids[:, t], full_cache)
+        expected, full_cache = decode_step(model, text_ids[:, t], full_cache, FULL)
         got, cache = decode_step(model, text_ids[:, t], cache, attention)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     # Sparse layers attended every token: 173 = 170 prompt + 3 decoded.
@@ -70,7 +74,7 @@ def test_adopting_an_exact_prefill_equals_its_own_prefill(smollm2, text_ids, ran
     model, _ = smollm2
     attention = HashedAttention(budget=120, candidates=160, hasher=random_hasher)
     _, own = prefill(model, text_ids[:, :100], model.init_cache(1, 110, attention), attention)
-    _, exact = prefill(model, text_ids[:, :100], model.init_cache(1, 110))
+    _, exact = prefill(model, text_ids[:, :100], model.init_cache(1, 110, FULL), FULL)
     adopted = attention.adopt(exact)
     for got, expected in zip(jax.tree.leaves(adopted), jax.tree.leaves(own), strict=True):
         np.testing.assert_array_equal(got, expected)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.methods import make_attention
 from dashkv_jax.generate import Sampling, generate, generate_each, generate_ids, sample
 from dashkv_jax.models.llama import (
@@ -17,6 +18,8 @@ from dashkv_jax.models.llama import (
     rope_frequencies,
 )
 from dashkv_jax.models.loaders import undo_rope_permutation
+
+FULL = FullAttention()
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,11 @@ def test_prefill_then_decode_equals_full_forward(smollm2, heldout_ids, prompt_le
     ids = jnp.asarray(heldout_ids[None, : prompt_len + steps])
     full = forward(model, ids)  # [1, T + steps, V]
 
-    cache = model.init_cache(batch=1, max_len=prompt_len + steps)
-    logits, cache = prefill(model, ids[:, :prompt_len], cache)
+    cache = model.init_cache(1, prompt_len + steps, FULL)
+    logits, cache = prefill(model, ids[:, :prompt_len], cache, FULL)
     cached = [logits]
     for t in range(prompt_len, prompt_len + steps - 1):
-        logits, cache = decode_step(model, ids[:, t], cache)
+        logits, cache = decode_step(model, ids[:, t], cache, FULL)
         cached.append(logits)
     cached = jnp.stack(cached, axis=1)
     # float32 through 30 layers: summation order alone moves a logit by up to about 1e-4.
@@ -166,5 +169,5 @@ def test_capture_qk_matches_the_cache_written_by_prefill(smollm2, heldout_ids):
     ids = jnp.asarray(heldout_ids[None, :48])
     q, k = capture_qk(model, ids)
     assert q.shape == (30, 1, 48, 9, 64) and k.shape == (30, 1, 48, 3, 64)
-    _, cache = prefill(model, ids, model.init_cache(1, 48))
+    _, cache = prefill(model, ids, model.init_cache(1, 48, FULL), FULL)
     np.testing.assert_allclose(k.transpose(0, 1, 3, 2, 4), cache.k, atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dashkv_jax import data
-from dashkv_jax.attention.full import KVCache, attend_all
+from dashkv_jax.attention.full import FullAttention, KVCache, attend_all
 from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.methods import parse_budget
 from dashkv_jax.attention.sparse import OracleAttention, QuestAttention, StreamingAttention
@@ -16,6 +16,8 @@ from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing.encoders import HasherConfig, simhash
 from dashkv_jax.models.config import ModelConfig
 from dashkv_jax.models.llama import decode_step, prefill
+
+FULL = FullAttention()
 
 METHODS = [OracleAttention, StreamingAttention, QuestAttention]
 
@@ -26,12 +28,12 @@ def test_budget_covering_the_context_equals_full_attention(smollm2, method):
     docs = data.load_documents(split="heldout")
     ids = jnp.asarray(next(data.iter_token_windows(docs, tokenizer, 180))[None])
     attention = method(budget=256)
-    full_cache = model.init_cache(1, 192)
-    sparse_cache = model.init_cache(1, 192)
-    _, full_cache = prefill(model, ids[:, :170], full_cache)
+    full_cache = model.init_cache(1, 192, FULL)
+    sparse_cache = model.init_cache(1, 192, attention)
+    _, full_cache = prefill(model, ids[:, :170], full_cache, FULL)
     _, sparse_cache = prefill(model, ids[:, :170], sparse_cache, attention)
     for t in range(170, 174):
-        expected, full_cache = decode_step(model, ids[:, t], full_cache)
+        expected, full_cache = decode_step(model, ids[:, t], full_cache, FULL)
         got, sparse_cache = decode_step(model, ids[:, t], sparse_cache, attention)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
@@ -140,9 +142,9 @@ def test_dense_layers_stay_exact(smollm2):
     ids = jnp.asarray([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 20).ids])
     t = ids.shape[1] - 1
     attention = OracleAttention(budget=72, dense_layers=model.config.num_layers)
-    _, a = prefill(model, ids[:, :t], model.init_cache(1, t + 1))
-    _, b = prefill(model, ids[:, :t], model.init_cache(1, t + 1), attention)
-    expected, _ = decode_step(model, ids[:, t], a)
+    _, a = prefill(model, ids[:, :t], model.init_cache(1, t + 1, FULL), FULL)
+    _, b = prefill(model, ids[:, :t], model.init_cache(1, t + 1, attention), attention)
+    expected, _ = decode_step(model, ids[:, t], a, FULL)
     got, _ = decode_step(model, ids[:, t], b, attention)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 

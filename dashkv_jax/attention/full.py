@@ -1,17 +1,17 @@
-"""Attention backends the model calls per layer, and the KV cache they own.
+"""The KV cache every backend owns, the backend decorator, and full attention.
 
-The model computes post-RoPE q, k, v and hands them to a backend; the backend writes its cache and
-returns the attention output. Swapping the backend (full, DASH-KV, a baseline) never touches the
-model. Backends are pytrees, so their parameters (e.g. trained hashers) are traced jit arguments.
+A backend implements `dashkv_jax.models.causal.Attention`: the model hands it post-RoPE q, k, v
+per layer, and it writes its cache and returns the attention output. Backends are pytrees, so
+their parameters (e.g. trained hashers) are traced jit arguments.
 """
 
 import dataclasses
-from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dashkv_jax.models.causal import causal_attention
 from dashkv_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -37,38 +37,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
-
-
-class Attention(Protocol):
-    """What the model needs from an attention backend."""
-
-    def init_cache(self, config: ModelConfig, batch: int, max_len: int, dtype) -> Any: ...
-
-    def prefill(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
-        """Causal attention over a whole prompt written from position 0; q [B,T,Hq,D]."""
-
-    def decode(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
-        """One new token per row at position `cache.lengths`; q [B,1,Hq,D], k/v [B,1,Hkv,D]."""
-
-    def adopt(self, cache: KVCache) -> Any:
-        """This backend's cache for a prompt that exact prefill wrote into `cache`: what its own
-        prefill would have left (every backend's prefill is exact), so methods can share one."""
-
-
-def causal_attention(q: Array, k: Array, v: Array) -> Array:
-    """Exact causal GQA attention within one sequence, fp32 softmax.
-
-    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D].
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    logits = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(causal, logits * d**-0.5, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgts,bshd->bthgd", weights, v)
-    return out.reshape(b, t, hq, d)
 
 
 def write_prefill(cache: KVCache, layer: Array, k: Array, v: Array) -> KVCache:

@@ -4,7 +4,7 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
-from dashkv_jax.attention.full import Attention, FullAttention
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.sparse import (
     OracleAttention,
@@ -14,6 +14,7 @@ from dashkv_jax.attention.sparse import (
 )
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing.encoders import Hasher, HasherConfig, simhash
+from dashkv_jax.models.causal import Attention
 
 BUDGETED = {
     "oracle": OracleAttention,

@@ -21,10 +21,10 @@ from dashkv_jax.attention.full import (
     KVCache,
     attend_all,
     backend,
-    causal_attention,
     write_prefill,
     write_token,
 )
+from dashkv_jax.models.causal import causal_attention
 
 Array = jax.Array
 

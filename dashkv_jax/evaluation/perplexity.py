@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dashkv_jax.attention.full import Attention, FullAttention
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.sparse import SparseAttention
+from dashkv_jax.models.causal import Attention
 from dashkv_jax.models.llama import Llama, prefill
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dashkv_jax.attention.full import Attention, FullAttention, causal_attention
+from dashkv_jax.models.causal import Attention, causal_attention
 from dashkv_jax.models.config import ModelConfig, RopeScaling
 
 Array = jax.Array
@@ -163,9 +163,8 @@ class Llama(nnx.Module):
         _, captured = self._run_layers(self.embed[...][ids], positions, attend_and_keep, captured)
         return captured
 
-    def init_cache(self, batch: int, max_len: int, attention: Attention | None = None, dtype=None):
-        """An empty cache of `max_len` slots for `attention` (full attention by default)."""
-        attention = attention or FullAttention()
+    def init_cache(self, batch: int, max_len: int, attention: Attention, dtype=None):
+        """An empty cache of `max_len` slots for `attention` (a `dashkv_jax.attention` backend)."""
         if max_len > self.config.max_position:
             raise ValueError(
                 f"a cache of {max_len} tokens exceeds the model's context of "
@@ -173,21 +172,19 @@ class Llama(nnx.Module):
             )
         return attention.init_cache(self.config, batch, max_len, dtype or self.embed.dtype)
 
-    def prefill(self, ids: Array, cache, attention: Attention | None = None, all_logits=False):
+    def prefill(self, ids: Array, cache, attention: Attention, all_logits=False):
         """Run a prompt ids [B, T] into an empty cache -> (logits, cache).
 
         Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`.
         """
-        attention = attention or FullAttention()
         b, t = ids.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x, cache = self._run_layers(self.embed[...][ids], positions, attention.prefill, cache)
         cache = cache.replace(lengths=jnp.full((b,), t, jnp.int32))
         return self._logits(x if all_logits else x[:, -1]), cache
 
-    def decode_step(self, tokens: Array, cache, attention: Attention | None = None):
+    def decode_step(self, tokens: Array, cache, attention: Attention):
         """One token per row, tokens [B] -> (logits [B, V], cache advanced by one)."""
-        attention = attention or FullAttention()
         positions = cache.lengths[:, None]  # [B, 1]
         x = self.embed[...][tokens][:, None, :]
         x, cache = self._run_layers(x, positions, attention.decode, cache)
