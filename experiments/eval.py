@@ -40,9 +40,10 @@ from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.evaluation import synthetic  # noqa: E402
 from dashkv_jax.evaluation.longbench import ENGLISH_TASKS, run_longbench  # noqa: E402
 from dashkv_jax.evaluation.perplexity import decode_perplexity  # noqa: E402
-from dashkv_jax.evaluation.recall import Budget, recall_report  # noqa: E402
+from dashkv_jax.evaluation.recall import recall_report  # noqa: E402
 from dashkv_jax.generate import generate_each  # noqa: E402
 from dashkv_jax.hashing.artifact import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER  # noqa: E402
+from dashkv_jax.hashing.retrieval import Budget  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
 
 SECTIONS = ("perplexity", "synthetic", "recall", "longbench")

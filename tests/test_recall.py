@@ -8,7 +8,8 @@ import pytest
 
 from dashkv_jax import data
 from dashkv_jax.cli import main
-from dashkv_jax.evaluation.recall import Budget, quest_bounds, selection_metrics
+from dashkv_jax.evaluation.recall import quest_bounds
+from dashkv_jax.hashing.retrieval import Budget, selection_metrics
 
 
 def test_metrics_on_a_hand_computed_case():

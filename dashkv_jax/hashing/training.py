@@ -51,8 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.evaluation import recall
-from dashkv_jax.hashing import artifact as hasher_io
+from dashkv_jax.hashing import artifact, retrieval
 from dashkv_jax.hashing import capture as capture_lib
 from dashkv_jax.hashing.capture import CaptureConfig, Captured, Targets
 from dashkv_jax.hashing.encoders import Hasher, HasherConfig, fit_input_stats
@@ -453,7 +452,7 @@ class Checkpoints:
             )
             raise DashKVError(
                 f"checkpoint step {step} in {str(self.directory)!r} is truncated or corrupt "
-                f"({hasher_io.short_error(err)}){hint}"
+                f"({artifact.short_error(err)}){hint}"
             ) from err
 
     def delete_after(self, step: int) -> None:
@@ -486,7 +485,7 @@ class RunConfig:
         split="heldout", contexts=4, queries_per_context=128
     )
     train: TrainConfig = TrainConfig()
-    budget: recall.Budget = recall.Budget()
+    budget: retrieval.Budget = retrieval.Budget()
     out: str = "runs/smollm2_cpu"
     capture_cache: str | None = None  # None: data.cache_dir() / "captures"
 
@@ -678,7 +677,7 @@ def run(
     )
     k, candidates = config.budget.sizes(config.heldout_data.context)
     data = config.heldout_data
-    recall.check_budget(heldout, k, candidates, data.sinks, data.window)
+    retrieval.check_budget(heldout, k, candidates, data.sinks, data.window)
 
     hasher_config = tc.hasher_config(model.config, model_id)
     trainee = Trainee(hasher_config, rngs=nnx.Rngs(tc.seed))
@@ -699,7 +698,7 @@ def run(
     keys = put(train.keys, keys_sharding(mesh))
     batches = Batches(train, targets, tc.batch_size, tc.seed)
     evaluate = functools.partial(
-        recall.evaluate, k=k, candidates=candidates, sinks=data.sinks, window=data.window
+        retrieval.evaluate, k=k, candidates=candidates, sinks=data.sinks, window=data.window
     )
     last = min(tc.steps, stop_after) if stop_after is not None else tc.steps
     train_start = time.perf_counter()
@@ -720,7 +719,7 @@ def run(
         return RunResult({"step": step}, stepper.trainee())
 
     hasher = stepper.trainee().hasher
-    results = recall.compare_methods(
+    results = retrieval.compare_hashers(
         heldout,
         hasher,
         k=k,
@@ -730,7 +729,7 @@ def run(
         seed=tc.seed,
     )
     hasher_path = out / "hasher"
-    hasher_io.save_hasher(
+    artifact.save_hasher(
         hasher,
         hasher_path,
         metadata={
@@ -772,7 +771,7 @@ def run(
 
 
 def _scalars(metrics: dict) -> dict:
-    return {name: round(metrics[name], 4) for name in recall.METRICS}
+    return {name: round(metrics[name], 4) for name in retrieval.METRICS}
 
 
 def reset_run_dir(out: str | os.PathLike) -> None:

@@ -8,8 +8,8 @@ cached on shared storage by the first run) and feeds its own shards. Point `--mo
 local Hugging Face folder of meta-llama/Meta-Llama-3-8B (config.json + *.safetensors).
 """
 
-from dashkv_jax.evaluation.recall import Budget
 from dashkv_jax.hashing.capture import CaptureConfig
+from dashkv_jax.hashing.retrieval import Budget
 from dashkv_jax.hashing.training import RunConfig, TrainConfig
 
 CONFIG = RunConfig(

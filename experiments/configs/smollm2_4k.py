@@ -10,8 +10,8 @@ quadratic); run it where there is an accelerator. Copy OUT/hasher to checkpoints
 
 import dataclasses
 
-from dashkv_jax.evaluation.recall import Budget
 from dashkv_jax.hashing.capture import CaptureConfig
+from dashkv_jax.hashing.retrieval import Budget
 
 from . import smollm2_cpu
 

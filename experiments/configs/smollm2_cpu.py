@@ -1,8 +1,8 @@
 """The default: capture, train and evaluate the bundled SmolLM2-135M-Instruct's hasher on a
 2-core CPU in <= 15 minutes (16 + 4 Wikipedia windows of 1024 tokens, a few hundred steps)."""
 
-from dashkv_jax.evaluation.recall import Budget
 from dashkv_jax.hashing.capture import CaptureConfig
+from dashkv_jax.hashing.retrieval import Budget
 from dashkv_jax.hashing.training import RunConfig, TrainConfig
 from dashkv_jax.models.loaders import DEFAULT_MODEL
 
