@@ -6,7 +6,8 @@ has one) from one of three sources:
 - the bundled corpus `BUNDLED_CORPUS` ("enwiki-gensim"): the English Wikipedia excerpt that ships
   as test data in the `gensim` wheel (`pip install --no-deps gensim`; CC BY-SA), parsed once to
   clean article prose and cached as parquet;
-- a local file or folder (.txt, .json, .jsonl, .parquet), read by the matching `datasets` builder;
+- a local file or folder (.txt, .json, .jsonl, .parquet), read by the matching `datasets` builder
+  once every text file in it is checked to be UTF-8 (`check_utf8`);
 - a Hugging Face Hub dataset name, passed to `datasets.load_dataset` (needs a network).
 
 Every source is split into "train" and "heldout" the same way: by a stable hash of each
@@ -21,6 +22,7 @@ joined end to end (long 4K-8K token contexts).
 from __future__ import annotations
 
 import bz2
+import codecs
 import hashlib
 import importlib.util
 import os
@@ -35,6 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mwparserfromhell import nodes
+
+from dashkv_jax.errors import DashKVError
 
 BUNDLED_CORPUS = "enwiki-gensim"
 SPLITS = ("train", "heldout", "all")
@@ -448,6 +452,34 @@ def _load_bundled() -> datasets.Dataset:
     return datasets.Dataset(pq.read_table(cached))
 
 
+def check_utf8(path: str | os.PathLike) -> None:
+    """Raises DashKVError naming `path` and the first bad byte unless the file is UTF-8 text
+    (read in 1 MiB blocks, so a large corpus costs no memory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DashKVError(f"no file at {str(path)!r}")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            held = len(decoder.getstate()[0])  # the end of the last block, not yet decoded
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                byte = offset - held + err.start
+                raise DashKVError(f"{path} is not UTF-8 text (byte {byte})") from None
+            if not block:
+                return
+            offset += len(block)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; DashKVError (one line) for a missing file or other bytes."""
+    check_utf8(path)
+    return Path(path).read_text(encoding="utf-8")
+
+
 def _load_local(path: Path) -> datasets.Dataset:
     supported = ", ".join(sorted(BUILDERS))
     if path.is_dir():
@@ -464,6 +496,9 @@ def _load_local(path: Path) -> datasets.Dataset:
     if len(builders) > 1:
         raise ValueError(f"folder {str(path)!r} mixes file types {sorted(builders)}; use one")
     (builder,) = builders
+    if builder in ("text", "json"):
+        for file in files:
+            check_utf8(file)
     # A text file is one document, not one per line.
     options = {"sample_by": "document"} if builder == "text" else {}
     data_files = [str(p) for p in files]

@@ -17,6 +17,7 @@ import pytest
 import tokenizers
 
 from dashkv_jax import data
+from dashkv_jax.errors import DashKVError
 
 # Markup that must never reach the clean text.
 MARKUP = ("[[", "]]", "{{", "}}", "<ref", "</", "{|", "|}", "''", "thumb|", "File:", "Category:")
@@ -210,6 +211,27 @@ def test_errors(tmp_path):
     (tmp_path / "one.txt").write_text("Only one document.")
     with pytest.raises(ValueError, match="is empty"):
         data.load_documents(str(tmp_path / "one.txt"), split="train", heldout_fraction=1.0)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_corpus_file_that_is_not_utf8_is_named_with_its_first_bad_byte(tmp_path, suffix):
+    (tmp_path / f"good{suffix}").write_text('{"text": "fine"}\n')
+    (tmp_path / f"bad{suffix}").write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DashKVError, match=rf"bad{suffix} is not UTF-8 text \(byte 13\)"):
+        data.load_documents(str(tmp_path))
+
+
+def test_check_utf8_counts_bytes_across_its_blocks(tmp_path):
+    block = 1 << 20
+    path = tmp_path / "long.txt"
+    path.write_bytes(b"a" * (block - 1) + "\u00e9".encode() + b"ok \xff")  # the e-acute straddles
+    with pytest.raises(DashKVError, match=rf"byte {block + 4}\)"):
+        data.check_utf8(path)
+    path.write_bytes(b"a" * (block - 1) + b"\xc3")  # cut short at the end
+    with pytest.raises(DashKVError, match=rf"byte {block - 1}\)"):
+        data.check_utf8(path)
+    path.write_bytes(("\u00e9" * block).encode())
+    assert data.read_text(path) == "\u00e9" * block
 
 
 def test_unreachable_hub_dataset_is_a_clear_connection_error(monkeypatch):

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, HASHED, METHODS, method_hasher
+from dashkv_jax.data import check_utf8
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.evaluation.metrics import TASK_METRICS, mean_score, score_prediction
 from dashkv_jax.generate import generate
@@ -415,6 +416,7 @@ def _chat_overhead(tokenizer: Tokenizer, chat_template: str | None) -> int:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
+    check_utf8(path)
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():

@@ -10,6 +10,7 @@ import numpy as np
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from dashkv_jax.data import read_text
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.config import ModelConfig, RopeScaling
 from dashkv_jax.models.llama import Llama
@@ -218,11 +219,11 @@ def hf_config(raw: dict) -> ModelConfig:
 
 def _hf_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text()
+        return read_text(folder / "chat_template.jinja")
     config_path = folder / "tokenizer_config.json"
     if not config_path.exists():
         return None
-    template = json.loads(config_path.read_text()).get("chat_template")
+    template = json.loads(read_text(config_path)).get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template
@@ -230,7 +231,7 @@ def _hf_chat_template(folder: Path) -> str | None:
 
 def load_hf_folder(folder: Path, dtype=jnp.float32) -> tuple[Llama, Tokenizer]:
     """Load config.json + *.safetensors (+ tokenizer.json) from a Hugging Face folder."""
-    config = hf_config(json.loads((folder / "config.json").read_text()))
+    config = hf_config(json.loads(read_text(folder / "config.json")))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise DashKVError(f"no *.safetensors files in {str(folder)!r}")
