@@ -1,4 +1,4 @@
-"""The `dashkv` command: `dashkv info`, `dashkv generate` and `dashkv recall`."""
+"""The `dashkv` command: `info`, `generate`, `recall` and `add-checksums`."""
 
 import argparse
 import json
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, METHODS
+from dashkv_jax.data import read_text
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.loaders import DEFAULT_MODEL
 
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"coarse-filter output for hashed methods (default: {DEFAULT_CANDIDATES})",
     )
     _add_recall_parser(commands)
+    seal = commands.add_parser(
+        "add-checksums",
+        help="record the checksums of a hasher saved before they were recorded",
+        description=(
+            "Restore the hasher's weights, check that they are finite, and record the SHA-256 of "
+            "every file under DIR/params in DIR/hasher.json, which loading then verifies. Where "
+            "checksums are recorded already, check them instead."
+        ),
+    )
+    seal.add_argument("hasher", type=Path, metavar="DIR", help="the hasher artifact folder")
     return parser
 
 
@@ -157,12 +168,7 @@ def _generate(args) -> None:
     from dashkv_jax.generate import Sampling, generate
     from dashkv_jax.models.loaders import load_model
 
-    if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise DashKVError(f"no prompt file at {str(args.prompt_file)!r}")
-        prompt = args.prompt_file.read_text()
-    else:
-        prompt = args.prompt
+    prompt = args.prompt if args.prompt_file is None else read_text(args.prompt_file)
     if args.temperature is not None and args.temperature <= 0:
         raise DashKVError(
             f"--temperature must be > 0 (use --greedy for argmax), got {args.temperature}"
@@ -196,8 +202,7 @@ def _recall(args) -> None:
     from dashkv_jax.hashing.artifact import default_hasher_path, read_metadata
     from dashkv_jax.models.loaders import load_model
 
-    if not args.text_file.is_file():
-        raise DashKVError(f"no text file at {str(args.text_file)!r}")
+    text = read_text(args.text_file)  # before the slow model load, like the hashers below
     hasher_path = args.hasher or default_hasher_path(args.model)
     for path in (hasher_path, args.symmetric):
         if path is not None:
@@ -206,7 +211,7 @@ def _recall(args) -> None:
     report = recall.recall_report(
         model,
         tokenizer,
-        args.text_file.read_text(),
+        text,
         hasher=hasher_path,
         symmetric=args.symmetric,
         context=args.context,
@@ -224,10 +229,22 @@ def _recall(args) -> None:
         print(recall.format_report(report))
 
 
+def _add_checksums(args) -> None:
+    from dashkv_jax.hashing.artifact import add_checksums
+
+    print(add_checksums(args.hasher))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        {"info": _info, "generate": _generate, "recall": _recall}[args.command](args)
+        commands = {
+            "info": _info,
+            "generate": _generate,
+            "recall": _recall,
+            "add-checksums": _add_checksums,
+        }
+        commands[args.command](args)
     except (DashKVError, FileNotFoundError) as err:
         print(f"dashkv: error: {err}", file=sys.stderr)
         return 2

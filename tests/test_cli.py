@@ -101,3 +101,11 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "dashkv: error:" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["generate --prompt-file", "recall --text-file"])
+def test_a_file_that_is_not_utf8_gets_one_line(capsys, tmp_path, command):
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"fine so far \xff\xfe bad")
+    code, _, err = _run([*command.split(), str(bad)], capsys)
+    _assert_one_line_error(code, err, f"{bad} is not UTF-8 text (byte 12)")
