@@ -1,9 +1,29 @@
 """Packed-bit scoring and selection for DASH-KV: one API, several implementations.
 
-`hamming_scores` / `asymmetric_scores` score N cached key codes per (batch, KV head);
-`select_topk` picks the top k in time linear in N; `hamming_topk` does both. Each scorer takes
-`implementation=None | "xla" | "pallas_tpu" | "pallas_gpu" | "interpret" | "interpret_gpu"`
-(see `api.py`).
+Scores and top-k (the first decode path, to be retired): `hamming_scores` / `asymmetric_scores`
+score N cached key codes per (batch, KV head); `select_topk` picks the top k in time linear in N;
+`hamming_topk` does both.
+
+Selection primitives (the fast decode path, DESIGN.md section 3), in distance units and with no
+sort and no top_k over N on any backend:
+  `hamming_histogram`  one pass over the codes: the distances D = sum_g popcount(q_g XOR k) of
+                       each row's selectable slots [lo, hi) and their histogram over [0, G*b];
+  `distance_histogram` the histogram of distances computed elsewhere (calibrated ones);
+  `rank_threshold`     (T, ties) of a rank k from the cumulative histogram;
+  `select_ranks`       the slots of rank in [k_a, k_b) (rank order: distance, then slot),
+                       ascending, in a fixed-size index list, by one prefix-sum pass over N.
+DASH-KV's tiers are `select_ranks` of ranks [0, k1) and [k1, k1 + k2).
+
+Sparse attention over the rows a slot list names (DESIGN.md section 3.4), the gather fused into
+the kernel (no [B, Hkv, K, D] copy of the rows in memory):
+  `gathered_logits`    scale * q_g . k_cache[slot] per slot (the exact tokens: K rows read);
+  `gathered_attention` softmax over a list's logits (exact and approximate) times the V rows
+                       read by slot, and the logsumexp (weights = exp(logit - lse)).
+Slots outside [0, N), -1 by convention, are unused wherever they sit in a list. With `layer=`,
+a stacked cache [L, B, Hkv, N, D] is read in place (no copy of the layer).
+
+Kernel entries take `implementation=None | "xla" | "pallas_tpu" | "pallas_gpu" | "interpret" |
+"interpret_gpu"` (see `api.py`).
 """
 
 from pallas_kernels.api import (
@@ -11,32 +31,53 @@ from pallas_kernels.api import (
     Implementation,
     asymmetric_scores,
     available_implementations,
+    distance_histogram,
+    gathered_attention,
+    gathered_logits,
+    hamming_histogram,
     hamming_scores,
     hamming_topk,
+    rank_threshold,
     resolve_implementation,
+    select_ranks,
     select_topk,
 )
-from pallas_kernels.common import ASYMMETRIC_SENTINEL, HAMMING_SENTINEL
+from pallas_kernels.common import ASYMMETRIC_SENTINEL, DISTANCE_SENTINEL, HAMMING_SENTINEL
 from pallas_kernels.packing import pack_bits, unpack_bits
 from pallas_kernels.reference import (
     asymmetric_scores_reference,
+    gathered_attention_reference,
+    gathered_logits_reference,
+    hamming_histogram_reference,
     hamming_scores_reference,
+    select_ranks_reference,
     select_topk_reference,
 )
 
 __all__ = [
     "ASYMMETRIC_SENTINEL",
+    "DISTANCE_SENTINEL",
     "HAMMING_SENTINEL",
     "IMPLEMENTATIONS",
     "Implementation",
     "asymmetric_scores",
     "asymmetric_scores_reference",
     "available_implementations",
+    "distance_histogram",
+    "gathered_attention",
+    "gathered_attention_reference",
+    "gathered_logits",
+    "gathered_logits_reference",
+    "hamming_histogram",
+    "hamming_histogram_reference",
     "hamming_scores",
     "hamming_scores_reference",
     "hamming_topk",
     "pack_bits",
+    "rank_threshold",
     "resolve_implementation",
+    "select_ranks",
+    "select_ranks_reference",
     "select_topk",
     "select_topk_reference",
     "unpack_bits",

@@ -1,4 +1,12 @@
-"""Public entries: packed-bit scores and top-k selection behind `implementation=`.
+"""Public entries: packed-bit scores, top-k selection and the selection primitives behind
+`implementation=`.
+
+Selection primitives (the decode path's; distances, not scores, and no sort anywhere):
+  hamming_histogram  one pass over the codes: distances D = sum_g popcount(q_g XOR k) of the
+                     selectable slots and their histogram over [0, G*b].
+  rank_threshold     (T, ties) of rank k from the cumulative histogram (one XLA implementation).
+  select_ranks       the slots of rank in [k_a, k_b), ascending, in a fixed-size index list, by
+                     one prefix-sum pass over N. Rank order is (D ascending, slot ascending).
 
 Implementations:
   "xla"           the XLA reference (`reference.py`): the definition of correct, and the CPU path.
@@ -10,17 +18,30 @@ Implementations:
                   xla; and xla wherever the kernel cannot take the shape (pallas_tpu needs the
                   word count W = b/32 to divide 128).
 
-Selection has one implementation for every backend (`select.py`, plain JAX).
+`select_topk` has one implementation for every backend (`select.py`, plain JAX);
+`rank_threshold` too (`reference.py`). `hamming_histogram` and `select_ranks` have all five.
+
+Sparse attention over cache rows read by slot (DASH-KV's tiers; the gather happens inside the
+kernel, so no [B, Hkv, K, D] copy of the rows is written to memory):
+  gathered_logits     scale * q_g . k_cache[slot] for a list of slots (tier 1, sinks, window).
+  gathered_attention  softmax(logits) @ v_cache[slot] and the logsumexp, for a list of slots
+                      and their logits (exact and approximate); flash-decoding on the kernels.
+Slots outside [0, N) (-1 by convention, anywhere in a list) are unused. A stacked cache
+[L, B, Hkv, N, D] with `layer=` is read in place: `cache[layer]` would be a copy of the whole
+layer before any kernel or gather reads it. Both have all five implementations; None picks xla
+on GPU when the head dimension is not a power of two (Triton).
 
 Sharding: every entry is jit-able with in/out shardings over the batch and KV-head axes. XLA
 cannot split a compiled Pallas kernel (a custom call), so to run a kernel on each device's own
-shard, wrap the entry in `jax.shard_map` over those axes (tests/test_kernels_sharding.py).
+shard, wrap the entry in `jax.shard_map` over those axes (tests/test_kernels_sharding.py,
+tests/test_kernels_histogram.py).
 """
 
 import functools
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import common, pallas_gpu, pallas_tpu, reference, select
@@ -39,6 +60,34 @@ _HAMMING = {
     "pallas_gpu": pallas_gpu.hamming_scores_pallas_gpu,
     "interpret": functools.partial(pallas_tpu.hamming_scores_pallas_tpu, interpret=True),
     "interpret_gpu": functools.partial(pallas_gpu.hamming_scores_pallas_gpu, interpret=True),
+}
+_HISTOGRAM = {
+    "xla": reference.hamming_histogram_reference,
+    "pallas_tpu": pallas_tpu.hamming_histogram_pallas_tpu,
+    "pallas_gpu": pallas_gpu.hamming_histogram_pallas_gpu,
+    "interpret": functools.partial(pallas_tpu.hamming_histogram_pallas_tpu, interpret=True),
+    "interpret_gpu": functools.partial(pallas_gpu.hamming_histogram_pallas_gpu, interpret=True),
+}
+_SELECT_RANKS = {
+    "xla": reference.select_ranks_reference,
+    "pallas_tpu": pallas_tpu.select_ranks_pallas_tpu,
+    "pallas_gpu": pallas_gpu.select_ranks_pallas_gpu,
+    "interpret": functools.partial(pallas_tpu.select_ranks_pallas_tpu, interpret=True),
+    "interpret_gpu": functools.partial(pallas_gpu.select_ranks_pallas_gpu, interpret=True),
+}
+_GATHERED_LOGITS = {
+    "xla": reference.gathered_logits_reference,
+    "pallas_tpu": pallas_tpu.gathered_logits_pallas_tpu,
+    "pallas_gpu": pallas_gpu.gathered_logits_pallas_gpu,
+    "interpret": functools.partial(pallas_tpu.gathered_logits_pallas_tpu, interpret=True),
+    "interpret_gpu": functools.partial(pallas_gpu.gathered_logits_pallas_gpu, interpret=True),
+}
+_GATHERED_ATTENTION = {
+    "xla": reference.gathered_attention_reference,
+    "pallas_tpu": pallas_tpu.gathered_attention_pallas_tpu,
+    "pallas_gpu": pallas_gpu.gathered_attention_pallas_gpu,
+    "interpret": functools.partial(pallas_tpu.gathered_attention_pallas_tpu, interpret=True),
+    "interpret_gpu": functools.partial(pallas_gpu.gathered_attention_pallas_gpu, interpret=True),
 }
 _ASYMMETRIC = {
     "xla": reference.asymmetric_scores_reference,
@@ -160,3 +209,177 @@ def hamming_topk(
     # Real hamming scores lie in [-G*b, G*b]: the radix select's first window, known statically.
     max_score = q_codes.shape[2] * common.WORD_BITS * n_words
     return select_topk(scores, k, value_range=(-max_score, max_score))
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def hamming_histogram(
+    q_codes: jax.Array,
+    k_codes: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    implementation: Implementation | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Hamming distances of the selectable slots and their histogram, from one pass over the codes.
+
+    Args:
+      q_codes: [B, Hkv, G, W] uint32: the G query heads sharing each KV head, b = 32 * W bits.
+      k_codes: [B, Hkv, N, W] uint32 key codes.
+      lo, hi: [B] int32: row b's selectable slots are lo[b] <= n < hi[b] (none when hi <= lo).
+      implementation: see the module docstring.
+
+    Returns:
+      distances [B, Hkv, N] int32: sum over g of popcount(q_g XOR k_n), in [0, G*b], at the
+        selectable slots; `DISTANCE_SENTINEL` (int32 max) elsewhere.
+      histogram [B, Hkv, G*b + 1] int32: histogram[d] = selectable slots with distance d.
+    """
+    common.check_histogram_inputs(q_codes, k_codes, lo, hi)
+    implementation = resolve_implementation(implementation, k_codes.shape[-1])
+    return _HISTOGRAM[implementation](q_codes, k_codes, lo, hi)
+
+
+_rank_threshold = jax.jit(reference.rank_threshold)
+
+
+@functools.partial(jax.jit, static_argnames=("n_bins",))
+def distance_histogram(distances: jax.Array, n_bins: int) -> jax.Array:
+    """The histogram of distances that `hamming_histogram` did not produce (DASH-KV's
+    calibrated ones, the asymmetric extension's): [B, Hkv, N] int32 -> [B, Hkv, n_bins] int32,
+    counting the values in [0, n_bins). One implementation (XLA) everywhere."""
+    if distances.dtype != jnp.int32 or distances.ndim != 3 or n_bins < 1:
+        raise ValueError(f"want int32 distances [B, Hkv, N] and n_bins >= 1: {distances.shape=}")
+    return reference.distance_histogram(distances, n_bins)
+
+
+def rank_threshold(histogram: jax.Array, k: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """Where rank k falls in the histogram: the threshold T and the ties taken at it.
+
+    Rank order is (distance ascending, slot ascending). The k lowest-ranked slots are those with
+    D < T and the first `ties` slots (in slot order) with D == T.
+
+    Args:
+      histogram: [B, Hkv, bins] int32, from `hamming_histogram` (bins = G*b + 1).
+      k: int >= 0, or int32 [B, Hkv] (or anything broadcasting to it), >= 0.
+
+    Returns:
+      threshold [B, Hkv] int32: the smallest t with cumsum(histogram)[t] >= k;
+      ties [B, Hkv] int32: k - (slots with D < T).
+      k == 0 gives (-1, 0); k >= the number of slots gives (bins - 1, histogram[bins - 1]),
+      everything. Negative traced k counts as 0.
+    """
+    common.check_threshold_inputs(histogram, k)
+    return _rank_threshold(histogram, k)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "implementation"))
+def select_ranks(
+    distances: jax.Array,
+    lower: tuple[jax.Array, jax.Array],
+    upper: tuple[jax.Array, jax.Array],
+    size: int,
+    *,
+    implementation: Implementation | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The slots of rank k_a <= r < k_b, in ascending slot order, as a fixed-size index list.
+
+    A slot with distance d ranks below k, for (T, ties) = rank_threshold(histogram, k), when
+    d < T, or d == T and fewer than `ties` slots with D == T come before it. No sort: one
+    prefix-sum pass over N. DASH-KV's tiers: ranks [0, k1), then [k1, k1 + k2).
+
+    Args:
+      distances: [B, Hkv, N] int32, from `hamming_histogram`.
+      lower: (T_a, ties_a), int32 [B, Hkv] each: rank_threshold of k_a.
+      upper: (T_b, ties_b), int32 [B, Hkv] each: rank_threshold of k_b.
+      size: static int >= 0, the list length.
+      implementation: see the module docstring.
+
+    Returns:
+      indices [B, Hkv, size] int32: the selected slots ascending, then -1; when more than
+        `size` qualify, the first `size` of them.
+      count [B, Hkv] int32: real entries in `indices`, min(size, selectable slots of rank in
+        [k_a, k_b)).
+    """
+    common.check_select_inputs(distances, lower, upper, size)
+    batch, kv_heads, _ = distances.shape
+    if size == 0:
+        empty = jnp.zeros((batch, kv_heads), jnp.int32)
+        return jnp.zeros((batch, kv_heads, 0), jnp.int32), empty
+    implementation = resolve_implementation(implementation, 1)
+    return _SELECT_RANKS[implementation](distances, tuple(lower), tuple(upper), size)
+
+
+def _resolve_sparse(implementation: str | None, head_dim: int) -> str:
+    """As `resolve_implementation`; None avoids pallas_gpu for a head_dim that is not a power of
+    two (Triton's tensor sizes)."""
+    if implementation is None and head_dim & (head_dim - 1):
+        if available_implementations()[0] == "pallas_gpu":
+            return "xla"
+    return resolve_implementation(implementation, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "implementation"))
+def gathered_logits(
+    q: jax.Array,
+    k_cache: jax.Array,
+    slots: jax.Array,
+    *,
+    scale: float,
+    layer: jax.Array | int | None = None,
+    implementation: Implementation | None = None,
+) -> jax.Array:
+    """Logits of the query group against the K rows a slot list names, the rows read by index.
+
+    Args:
+      q: [B, Hkv, G, D] float32 or bfloat16: the G query heads sharing each KV head.
+      k_cache: [B, Hkv, N, D] float32 or bfloat16; with `layer`, a stack [L, B, Hkv, N, D].
+      slots: [B, Hkv, E] int32: cache rows, in any order; entries outside [0, N) (-1 by
+        convention) are unused.
+      scale: static float (1 / sqrt(D) for attention).
+      layer: None, or an int / int32 scalar (may be traced): read k_cache[layer] in place.
+        Clipped to [0, L).
+      implementation: see the module docstring.
+
+    Returns:
+      [B, Hkv, G, E] float32: scale * sum_d q[b, h, g, d] * k_cache[b, h, slots[b, h, e], d],
+      products and sums in float32; -inf at unused entries.
+    """
+    common.check_gathered_logits_inputs(q, k_cache, slots, scale, layer)
+    if slots.shape[2] == 0:
+        return jnp.zeros((*q.shape[:3], 0), jnp.float32)
+    implementation = _resolve_sparse(implementation, q.shape[3])
+    return _GATHERED_LOGITS[implementation](q, k_cache, slots, scale=float(scale), layer=layer)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def gathered_attention(
+    logits: jax.Array,
+    v_cache: jax.Array,
+    slots: jax.Array,
+    *,
+    layer: jax.Array | int | None = None,
+    implementation: Implementation | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One softmax per query head over a slot list, weighting the V rows read by index.
+
+    Args:
+      logits: [B, Hkv, G, M] float32: each entry's logit (exact or approximate).
+      v_cache: [B, Hkv, N, D] float32 or bfloat16; with `layer`, a stack [L, B, Hkv, N, D].
+      slots: [B, Hkv, M] int32: cache rows, in any order; entries outside [0, N) (-1 by
+        convention) are unused, whatever their logit.
+      layer: None, or an int / int32 scalar (may be traced): read v_cache[layer] in place.
+        Clipped to [0, L).
+      implementation: see the module docstring.
+
+    Returns:
+      out [B, Hkv, G, D] float32: sum_m softmax(logits)[m] * v_cache[slot_m]; 0 where a row has
+        no valid entry.
+      lse [B, Hkv, G] float32: logsumexp of the valid entries' logits; -inf where there is none.
+        Entry m's weight is exp(logits[..., m] - lse).
+    """
+    common.check_gathered_attention_inputs(logits, v_cache, slots, layer)
+    if slots.shape[2] == 0:
+        batch, kv_heads, g_size, _ = logits.shape
+        out = jnp.zeros((batch, kv_heads, g_size, v_cache.shape[-1]), jnp.float32)
+        return out, jnp.full((batch, kv_heads, g_size), -jnp.inf, jnp.float32)
+    implementation = _resolve_sparse(implementation, v_cache.shape[-1])
+    return _GATHERED_ATTENTION[implementation](logits, v_cache, slots, layer=layer)
