@@ -1,11 +1,11 @@
-"""The `dashkv` command: `info`, `generate`, `recall` and `add-checksums`."""
+"""The `dashkv` command: `info`, `generate`, `recall` and `perplexity`."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, METHODS
+from dashkv_jax.attention.methods import METHODS
 from dashkv_jax.data import read_text
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.loaders import DEFAULT_MODEL
@@ -85,59 +85,107 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--budget",
-        help="tokens attended per KV head and step: a fraction of the context (1/32) or a count",
+        help="exact tokens per KV head and step (sinks + window + tier 1): a fraction of the "
+        "context (1/32) or a count",
+    )
+    gen.add_argument(
+        "--tier2",
+        help="DASH-KV's approximate tokens per KV head and step: a fraction of the context or a "
+        "count, 0 for off (default: the hasher's, 1/16)",
     )
     gen.add_argument(
         "--hasher",
         type=Path,
         help="hasher artifact for hashed methods (dashkv default: the shipped one)",
     )
-    gen.add_argument(
-        "--candidates",
-        default=DEFAULT_CANDIDATES,
-        help=f"coarse-filter output for hashed methods (default: {DEFAULT_CANDIDATES})",
-    )
     _add_recall_parser(commands)
-    seal = commands.add_parser(
-        "add-checksums",
-        help="record the checksums of a hasher saved before they were recorded",
-        description=(
-            "Restore the hasher's weights, check that they are finite, and record the SHA-256 of "
-            "every file under DIR/params in DIR/hasher.json, which loading then verifies. Where "
-            "checksums are recorded already, check them instead."
-        ),
-    )
-    seal.add_argument("hasher", type=Path, metavar="DIR", help="the hasher artifact folder")
+    _add_perplexity_parser(commands)
     return parser
+
+
+def _add_method_args(parser) -> None:
+    """The options the commands that measure several methods share."""
+    parser.add_argument(
+        "--budget",
+        default="1/32",
+        help="exact tokens per KV head and step (sinks + window + tier 1): a fraction of the "
+        "context or a count (default: 1/32)",
+    )
+    parser.add_argument(
+        "--tier2",
+        help="DASH-KV's approximate tokens per KV head and step: a fraction of the context or a "
+        "count, 0 for off (default: the hasher's, 1/16)",
+    )
+    parser.add_argument("--hasher", type=Path, help="the dashkv hasher (default: the shipped one)")
+    parser.add_argument(
+        "--symmetric", type=Path, help="the dashkv-symmetric hasher (default: the shipped one)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    names = tuple(filter(None, (name.strip() for name in text.split(","))))
+    if unknown := [n for n in names if n not in METHODS]:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})"
+        )
+    if not names:
+        raise argparse.ArgumentTypeError("no methods given")
+    return names
 
 
 def _add_recall_parser(commands) -> None:
     rec = commands.add_parser(
         "recall",
-        help="how well hashed scores find the keys exact attention needs, per method",
+        help="the paper's retrieval metrics, Recall@100 and KL, of each method on a text",
         description=(
-            "Run the model over the first --context tokens of a text file, capture post-RoPE q "
-            "and k, and for sampled query positions compare each method's top --candidates "
-            "keys with the oracle top --budget keys (sinks and the recent window excluded). "
-            "Prints top-k recall, IoU and attention-mass recall averaged over layers, heads "
-            "and positions."
+            "Run the model over the first --context tokens of a text file and, for sampled query "
+            "positions and every sparse layer, compare each method's decode-time attention with "
+            "full attention: Recall@100 (of the 100 middle keys with the highest exact group "
+            "attention, the share the method reads exactly), KL(P_method || P_full), the tokens "
+            "it used and the bytes a step reads per KV head. Means over sparse layers, heads and "
+            "positions; --json adds every layer."
         ),
     )
     _add_model_arg(rec)
-    rec.add_argument("--hasher", type=Path, help="trained hasher folder (default: the shipped one)")
-    rec.add_argument("--symmetric", type=Path, help="a symmetric hasher to compare as well")
     rec.add_argument("--text-file", type=Path, required=True, help="the text to run")
-    rec.add_argument("--context", type=_positive_int, default=1024, help="tokens (default 1024)")
-    rec.add_argument("--budget", type=_fraction, default=1 / 32, help="k / context (1/32)")
-    rec.add_argument("--candidates", type=_fraction, default=1 / 8, help="C / context (1/8)")
-    rec.add_argument("--queries", type=_positive_int, default=128, help="query positions (128)")
+    rec.add_argument(
+        "--methods",
+        type=_method_list,
+        default=("simhash", "dashkv"),
+        help="comma-separated budget methods (default: simhash,dashkv)",
+    )
+    rec.add_argument("--context", type=_positive_int, default=4096, help="tokens (default 4096)")
+    _add_method_args(rec)
+    rec.add_argument("--queries", type=_positive_int, default=64, help="query positions (64)")
     rec.add_argument(
         "--min-position", type=_fraction, default=0.5, help="queries from this fraction on (1/2)"
     )
-    rec.add_argument("--sinks", type=int, default=4, help="always-kept first tokens (4)")
-    rec.add_argument("--window", type=int, default=64, help="always-kept recent tokens (64)")
     rec.add_argument("--seed", type=int, default=0, help="positions and SimHash seed (0)")
-    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_perplexity_parser(commands) -> None:
+    ppl = commands.add_parser(
+        "perplexity",
+        help="decode-mode perplexity of a text through each method, with what each read",
+        description=(
+            "Teacher-forced decode-mode perplexity of the first --context tokens of a text file: "
+            "every position attends through the method as token-by-token decoding would. Each "
+            "method reports its perplexity, exact and approximate tokens per KV head and step, "
+            "and the bytes a step reads per KV head (codes, K and V of exact tokens, V of "
+            "approximate ones), means over positions and layers."
+        ),
+    )
+    _add_model_arg(ppl)
+    ppl.add_argument("--text-file", type=Path, required=True, help="the text to run")
+    ppl.add_argument("--context", type=_positive_int, default=4096, help="tokens (default 4096)")
+    ppl.add_argument(
+        "--methods",
+        type=_method_list,
+        default=("full", "simhash", "dashkv"),
+        help="comma-separated methods (default: full,simhash,dashkv)",
+    )
+    _add_method_args(ppl)
 
 
 def _info(args) -> None:
@@ -146,7 +194,7 @@ def _info(args) -> None:
     from dashkv_jax.models.loaders import load_model
 
     model, _ = load_model(args.model)
-    c = model.config
+    c = getattr(model, "arch", model.config)  # Gemma 3: every layer, not the global ones
     params = sum(p.size for p in jax.tree.leaves(model))
     rows = [
         ("model", c.name),
@@ -190,7 +238,7 @@ def _generate(args) -> None:
         attention=args.attention,
         budget=args.budget,
         hasher=args.hasher,
-        candidates=args.candidates,
+        tier2=args.tier2,
         seed=args.seed,
         on_text=on_text,
     )
@@ -199,40 +247,63 @@ def _generate(args) -> None:
 
 def _recall(args) -> None:
     from dashkv_jax.evaluation import recall
-    from dashkv_jax.hashing.artifact import default_hasher_path, read_metadata
     from dashkv_jax.models.loaders import load_model
 
-    text = read_text(args.text_file)  # before the slow model load, like the hashers below
-    hasher_path = args.hasher or default_hasher_path(args.model)
-    for path in (hasher_path, args.symmetric):
-        if path is not None:
-            read_metadata(path)  # fail before the slow model load
+    text = read_text(args.text_file)  # before the slow model load
+    _check_hashers(args)
     model, tokenizer = load_model(args.model)
     report = recall.recall_report(
         model,
         tokenizer,
         text,
-        hasher=hasher_path,
+        methods=args.methods,
+        hasher=args.hasher,
         symmetric=args.symmetric,
         context=args.context,
-        budget=recall.Budget(args.budget, args.candidates),
+        budget=args.budget,
+        tier2=args.tier2,
         queries=args.queries,
         min_position=args.min_position,
-        sinks=args.sinks,
-        window=args.window,
         seed=args.seed,
     )
     report["text_file"] = str(args.text_file)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(recall.format_report(report))
+    print(json.dumps(report, indent=2) if args.json else recall.format_report(report))
 
 
-def _add_checksums(args) -> None:
-    from dashkv_jax.hashing.artifact import add_checksums
+def _perplexity(args) -> None:
+    from dashkv_jax.evaluation import perplexity
+    from dashkv_jax.models.loaders import load_model
 
-    print(add_checksums(args.hasher))
+    text = read_text(args.text_file)
+    _check_hashers(args)
+    model, tokenizer = load_model(args.model)
+    report = perplexity.perplexity_report(
+        model,
+        tokenizer,
+        text,
+        methods=args.methods,
+        context=args.context,
+        budget=args.budget,
+        tier2=args.tier2,
+        hasher=args.hasher,
+        symmetric=args.symmetric,
+    )
+    report["text_file"] = str(args.text_file)
+    print(json.dumps(report, indent=2) if args.json else perplexity.format_report(report))
+
+
+def _check_hashers(args) -> None:
+    """Check the budgets and read the hashers' metadata before the slow model load, so that bad
+    input fails at once."""
+    from dashkv_jax.attention.methods import parse_budget
+    from dashkv_jax.hashing.artifact import read_metadata
+
+    parse_budget(args.budget, args.context)
+    if args.tier2 is not None:
+        parse_budget(args.tier2, args.context, allow_zero=True)
+    for path in (args.hasher, args.symmetric):
+        if path is not None:
+            read_metadata(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "info": _info,
             "generate": _generate,
             "recall": _recall,
-            "add-checksums": _add_checksums,
+            "perplexity": _perplexity,
         }
         commands[args.command](args)
     except (DashKVError, FileNotFoundError) as err:

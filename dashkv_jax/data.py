@@ -10,9 +10,10 @@ has one) from one of three sources:
   once every text file in it is checked to be UTF-8 (`check_utf8`);
 - a Hugging Face Hub dataset name, passed to `datasets.load_dataset` (needs a network).
 
-Every source is split into "train" and "heldout" the same way: by a stable hash of each
-document's title (or of its text where there is no title), so the split is deterministic across
-runs and machines, and no document is in both.
+Every source is split into "train", "validation" and "heldout" the same way: by stable hashes
+of each document's title (or of its text where there is no title), so the split is
+deterministic across runs and machines, and no document is in two. Train on "train", choose
+settings on "validation", report on "heldout".
 
 `iter_token_windows` turns documents into fixed-length int32 token windows: the first `length`
 tokens of each document (perplexity on held-out articles), or windows cut from the documents
@@ -41,7 +42,9 @@ from mwparserfromhell import nodes
 from dashkv_jax.errors import DashKVError
 
 BUNDLED_CORPUS = "enwiki-gensim"
-SPLITS = ("train", "heldout", "all")
+SPLITS = ("train", "validation", "heldout", "all")
+# The share of the non-held-out documents kept for validation (choosing settings).
+VALIDATION_FRACTION = 0.15
 
 # Local file suffix -> `datasets` builder name.
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -141,8 +144,10 @@ def load_documents(
     Args:
       source: `BUNDLED_CORPUS`, a local file or folder (.txt: one document per file; .json/.jsonl:
         one per record; .parquet: one per row), or a Hub dataset name.
-      split: "train", "heldout" or "all". Documents go to "heldout" when a stable hash of their
-        title (or text, where there is no title) with `seed` falls below `heldout_fraction`.
+      split: "train", "validation", "heldout" or "all". Documents go to "heldout" when a stable
+        hash of their title (or text, where there is no title) with `seed` falls below
+        `heldout_fraction`; of the others, `VALIDATION_FRACTION` go to "validation" by a second
+        hash, the rest to "train".
       text_field: the column holding the document text; it is renamed to `text`.
       heldout_fraction: the expected share of documents held out.
       seed: changes which documents are held out.
@@ -186,8 +191,10 @@ def load_documents(
     if split == "all":
         return documents
     key_column = "title" if "title" in documents.column_names else "text"
-    heldout = [is_heldout(key, heldout_fraction, seed) for key in documents[key_column]]
-    keep = [i for i, h in enumerate(heldout) if h == (split == "heldout")]
+    keep = [
+        i for i, key in enumerate(documents[key_column])
+        if split_of(key, heldout_fraction, seed) == split
+    ]  # fmt: skip
     if not keep:
         raise ValueError(
             f"split {split!r} of {source!r} is empty ({len(documents)} documents, "
@@ -203,6 +210,13 @@ def is_heldout(key: str, heldout_fraction: float, seed: int = 0) -> bool:
     """
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
+
+
+def split_of(key: str, heldout_fraction: float, seed: int = 0) -> str:
+    """The split ("train", "validation" or "heldout") of the document with this title or text."""
+    if is_heldout(key, heldout_fraction, seed):
+        return "heldout"
+    return "validation" if is_heldout(key, VALIDATION_FRACTION, seed + 1) else "train"
 
 
 def iter_token_windows(

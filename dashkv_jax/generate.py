@@ -11,7 +11,7 @@ from jax.experimental import io_callback
 from tokenizers import Tokenizer
 
 from dashkv_jax.attention.full import FullAttention
-from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, make_attention, parse_budget
+from dashkv_jax.attention.methods import make_attention, method_hasher, parse_budget
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.causal import Attention
 from dashkv_jax.models.llama import Llama
@@ -50,7 +50,7 @@ def sample(logits: Array, key: Array, sampling: Sampling) -> Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "sampling", "on_token"))
+@nnx.jit(static_argnames=("max_new_tokens", "sampling", "on_token"), graph_updates=False)
 def generate_ids(
     model: Llama,
     prompt: Array,
@@ -74,7 +74,7 @@ def generate_ids(
     return _decode_loop(model, logits, cache, key, max_new_tokens, sampling, attention, on_token)
 
 
-@nnx.jit(static_argnames=("max_len",))
+@nnx.jit(static_argnames=("max_len",), graph_updates=False)
 def prefill_exact(model: Llama, prompt: Array, max_len: int):
     """Exact prefill of `prompt` [B, T] into a `max_len`-slot KV cache -> (logits [B, V], cache),
     which every backend can `adopt`: one prefill shared by several methods."""
@@ -82,7 +82,7 @@ def prefill_exact(model: Llama, prompt: Array, max_len: int):
     return model.prefill(prompt, model.init_cache(prompt.shape[0], max_len, full), full)
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "sampling"))
+@nnx.jit(static_argnames=("max_new_tokens", "sampling"), graph_updates=False)
 def decode_from(
     model: Llama,
     logits: Array,
@@ -95,7 +95,7 @@ def decode_from(
 ) -> tuple[Array, Array]:
     """`generate_ids` after its prefill: decode from the prompt's last logits [B, V] and a
     cache from `prefill_exact`, which `attention` adopts."""
-    cache = attention.adopt(cache)
+    cache = model.adopt_cache(cache, attention)
     return _decode_loop(model, logits, cache, key, max_new_tokens, sampling, attention, None)
 
 
@@ -137,27 +137,27 @@ def generate(
     attention: str | Attention = "full",
     budget: str | int | None = None,
     hasher=None,
-    candidates: str | int = DEFAULT_CANDIDATES,
+    tier2: str | int | None = None,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
     """Generate a continuation of `prompt` (optionally wrapped in the chat template) as text.
 
     `attention` is a method name from `dashkv_jax.attention.methods` or an attention backend. A
-    name takes `budget` and `candidates` ('1/32' of the final context, or token counts) and, for
-    hashed methods, `hasher` (an artifact path or a `Hasher`; `dashkv` defaults to the shipped one).
+    name takes `budget` (exact tokens: '1/32' of the final context, or a count) and, for hashed
+    methods, `hasher` (an artifact path or a `Hasher`; `dashkv` defaults to the shipped one) and
+    `tier2` (approximate tokens, the same way; default: the hasher's).
     """
     ids = _prompt_ids(model, tokenizer, prompt, chat, max_new_tokens)
     if isinstance(attention, str):
         context = len(ids) + max_new_tokens
         tokens = None if budget is None else parse_budget(str(budget), context)
-        attention = make_attention(
-            attention,
-            tokens,
-            model,
-            hasher=hasher,
-            candidates=parse_budget(str(candidates), context),
-        )
+        options = {}
+        if attention in ("simhash", "dashkv", "dashkv-symmetric") and tokens is not None:
+            hasher = method_hasher(attention, model, hasher)
+            fraction = hasher.config.tier2 if tier2 is None else str(tier2)
+            options = {"hasher": hasher, "tier2": parse_budget(fraction, context, allow_zero=True)}
+        attention = make_attention(attention, tokens, model, **options)
     streamed: list[int] = []
 
     def on_token(tokens: np.ndarray):
@@ -205,15 +205,8 @@ def generate_each(
     logits, cache = prefill_exact(model, jnp.asarray([ids], jnp.int32), slots)
     texts = []
     for attention in attentions:
-        out, counts = decode_from(
-            model,
-            logits,
-            cache,
-            jax.random.key(seed),
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            attention=attention,
-        )
+        method = {"max_new_tokens": max_new_tokens, "sampling": sampling, "attention": attention}
+        out, counts = decode_from(model, logits, cache, jax.random.key(seed), **method)
         texts.append(tokenizer.decode(np.asarray(out[0, : int(counts[0])]).tolist()))
     return texts
 

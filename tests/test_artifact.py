@@ -1,5 +1,5 @@
 """The hasher artifact: checksums that catch a damaged copy before Orbax reads it, a clean exit
-on every refusal, an atomic export, and the command that seals an artifact saved before."""
+on every refusal, and an atomic export."""
 
 import json
 import shutil
@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,7 +15,6 @@ from dashkv_jax.hashing import artifact
 from dashkv_jax.hashing.artifact import (
     DEFAULT_HASHER,
     METADATA_FILE,
-    add_checksums,
     load_hasher,
     read_metadata,
     save_hasher,
@@ -100,34 +98,34 @@ def test_generate_with_a_damaged_hasher_exits_2_with_one_line(tmp_path):
         _assert_one_line_error(result, f"the hasher at '{copy}' is damaged")
 
 
-def test_weights_that_are_not_plausible_are_refused_even_without_checksums(tmp_path):
+def test_weights_that_are_not_plausible_are_refused_even_when_the_files_match(tmp_path):
     copy = _copy_shipped(tmp_path)
-    _forget_checksums(copy)
     _damage_at_offset_100(copy)  # restores to values of 3.4e38: finite, but not weights
+    record = json.loads((copy / METADATA_FILE).read_text())
+    record["checksums"] = artifact.file_checksums(copy / "params")  # as if saved damaged
+    (copy / METADATA_FILE).write_text(json.dumps(record))
     with pytest.raises(DashKVError, match="is damaged .*not finite or above 1e"):
-        add_checksums(copy)
-
-
-def test_an_artifact_saved_before_checksums_is_refused_until_sealed(tmp_path):
-    copy = _copy_shipped(tmp_path)
-    _forget_checksums(copy)
-    with pytest.raises(DashKVError, match=rf"no checksums .*`dashkv add-checksums {copy}`"):
         load_hasher(copy)
-    result = _cli("add-checksums", str(copy))
-    assert result.returncode == 0 and "recorded the checksums" in result.stdout, result.stderr
-    sealed, shipped = load_hasher(copy), load_hasher(DEFAULT_HASHER)
-    for a, b in zip(jax.tree.leaves(sealed), jax.tree.leaves(shipped), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert "match" in _cli("add-checksums", str(copy)).stdout
 
 
-def test_sealing_a_damaged_artifact_exits_2_with_one_line(tmp_path):
+def test_an_artifact_without_checksums_is_refused(tmp_path):
     copy = _copy_shipped(tmp_path)
     _forget_checksums(copy)
+    with pytest.raises(DashKVError, match=r"is damaged \(no checksums recorded\)"):
+        load_hasher(copy)
+
+
+def test_a_restore_that_fails_exits_2_with_one_line(tmp_path):
+    copy = _copy_shipped(tmp_path)
     _damage_the_middle_of_every_data_file(copy)  # Orbax fails part-way through its reads
-    for _ in range(3):  # the stray read callbacks came in about one run of six before the fix
-        _assert_one_line_error(_cli("add-checksums", str(copy)), "is damaged (cannot restore")
-    assert "checksums" not in read_metadata(copy)
+    record = json.loads((copy / METADATA_FILE).read_text())
+    record["checksums"] = artifact.file_checksums(copy / "params")
+    (copy / METADATA_FILE).write_text(json.dumps(record))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("A long prompt about nothing in particular. " * 40)
+    argv = ["generate", "--prompt-file", str(prompt), "--attention", "dashkv", "--budget", "100"]
+    for _ in range(3):  # the abandoned reads' callbacks came in about one run of six unguarded
+        _assert_one_line_error(_cli(*argv, "--hasher", str(copy)), "is damaged (cannot restore")
 
 
 def test_an_export_that_dies_half_way_leaves_the_old_artifact(tmp_path, monkeypatch):

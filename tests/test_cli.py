@@ -109,3 +109,48 @@ def test_a_file_that_is_not_utf8_gets_one_line(capsys, tmp_path, command):
     bad.write_bytes(b"fine so far \xff\xfe bad")
     code, _, err = _run([*command.split(), str(bad)], capsys)
     _assert_one_line_error(code, err, f"{bad} is not UTF-8 text (byte 12)")
+
+
+@pytest.fixture(scope="module")
+def heldout_file(tmp_path_factory):
+    from dashkv_jax import data
+
+    path = tmp_path_factory.mktemp("text") / "heldout.txt"
+    path.write_text("\n\n".join(data.load_documents(split="heldout")["text"][:3]))
+    return path
+
+
+def test_perplexity_reports_what_each_method_read(heldout_file, capsys):
+    argv = ["perplexity", "--text-file", str(heldout_file), "--context", "512", "--budget", "128"]
+    code, out, err = _run([*argv, "--methods", "full,simhash,dashkv", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    methods = report["methods"]
+    assert list(methods) == ["full", "simhash", "dashkv"] and report["tier2"] == 32
+    for m in methods.values():
+        assert {"perplexity", "exact_tokens", "approx_tokens", "bytes"} <= set(m)
+    full, dashkv = methods["full"], methods["dashkv"]
+    assert full["approx_tokens"] == 0 and dashkv["approx_tokens"] > 0
+    assert dashkv["bytes"] < full["bytes"] and dashkv["exact_tokens"] < full["exact_tokens"]
+    assert full["perplexity"] < dashkv["perplexity"] < 1.1 * full["perplexity"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--context", "100000"], "exceeds the model's context"),
+        ([], "fewer than the context"),
+        (["--methods", "full,magic"], "unknown method"),
+        (["--budget", "60"], "leaves nothing to select"),
+        (["--budget", "x"], "fraction"),
+        (["--tier2", "-1"], "budget must be positive"),
+    ],
+)
+def test_perplexity_bad_input(heldout_file, tmp_path, capsys, extra, needle):
+    text = heldout_file
+    if needle == "fewer than the context":
+        text = tmp_path / "short.txt"
+        text.write_text("Too short to score. " * 100)
+    argv = ["perplexity", "--text-file", str(text), "--context", "512", *extra]
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, needle)

@@ -1,4 +1,5 @@
-"""Hash encoders, scoring, and the hasher artifact: shapes, packing, exact scores, validation."""
+"""Hash encoders, distances, the tier-2 logit and the hasher artifact: shapes, packing, exact
+distances, validation."""
 
 import dataclasses
 import json
@@ -21,10 +22,12 @@ from dashkv_jax.hashing.encoders import (
     Hasher,
     HasherConfig,
     fit_input_stats,
-    group_scores,
+    group_agreement,
     signs,
     simhash,
+    soft_agreement,
 )
+from dashkv_jax.hashing.retrieval import group_distances
 from dashkv_jax.models.config import ModelConfig
 from pallas_kernels.packing import pack_bits
 
@@ -44,7 +47,7 @@ def _inputs(seed=0, n=5):
 
 @pytest.mark.parametrize("kind", ["asymmetric", "symmetric", "simhash"])
 def test_shapes_and_per_layer_calls_match_the_stacked_call(kind):
-    hasher = Hasher(_config(kind=kind, query_depth=3, key_hidden=8), rngs=nnx.Rngs(0))
+    hasher = Hasher(_config(kind=kind, query_hidden=(8, 8)), rngs=nnx.Rngs(0))
     k, q = _inputs()
     codes, q_codes, weights = (
         hasher.encode_keys(k),
@@ -77,46 +80,61 @@ def test_codes_are_the_packed_signs_of_the_logits():
     )
 
 
-def test_group_scores_are_the_design_formulas():
-    """hamming = sum_j (b - 2 popcount(q_j XOR k)); asymmetric = sum_j w_j . (2 bit - 1)."""
+def test_group_distances_are_the_design_formula():
+    """D = sum over the KV head's G query heads of popcount(q_j XOR k), counted bit by bit."""
     hasher = Hasher(_config(), rngs=nnx.Rngs(2))
     k, q = _inputs(2)
     layer = 1
     k_codes = np.asarray(hasher.encode_keys(k[layer], layer))  # [T, Hkv, W]
     q_codes = np.asarray(hasher.encode_queries(q[layer], layer))  # [Q, Hq, W]
-    weights = np.asarray(hasher.query_weights(q[layer], layer))  # [Q, Hq, b]
-    ham = np.asarray(group_scores(hasher, q[layer], jnp.asarray(k_codes), layer, "hamming"))
-    asym = np.asarray(group_scores(hasher, q[layer], jnp.asarray(k_codes), layer, "asymmetric"))
-    k_bits = np.unpackbits(k_codes.view(np.uint8), axis=-1, bitorder="little")  # [T, Hkv, b]
+    distance = np.asarray(group_distances(hasher, q[layer], k[layer], layer))  # [Hkv, Q, T]
     for h in range(HKV):
         for qi in range(q_codes.shape[0]):
             for t in range(k_codes.shape[0]):
-                heads = range(h * 3, h * 3 + 3)
-                xor = q_codes[qi, heads] ^ k_codes[t, h]  # [G, W]
-                popcount = sum(bin(int(w)).count("1") for w in xor.ravel())
-                assert ham[h, qi, t] == 3 * 64 - 2 * popcount
-                expected = sum(weights[qi, j] @ (2.0 * k_bits[t, h] - 1) for j in heads)
-                assert abs(asym[h, qi, t] - expected) < 1e-4
+                xor = q_codes[qi, h * 3 : h * 3 + 3] ^ k_codes[t, h]  # [G, W]
+                assert distance[h, qi, t] == sum(bin(int(w)).count("1") for w in xor.ravel())
 
 
-def test_group_scores_equal_the_kernel_reference():
-    reference = pytest.importorskip("pallas_kernels.reference")
+def test_group_distances_equal_the_kernel_reference():
+    import pallas_kernels as pk
+
     hasher = Hasher(_config(), rngs=nnx.Rngs(3))
     k, q = _inputs(3, n=40)
     layer = 2
-    k_codes = hasher.encode_keys(k[layer], layer)  # [T, Hkv, W]
-    ham = group_scores(hasher, q[layer], k_codes, layer, "hamming")[:, 0]  # [Hkv, T] query 0
-    asym = group_scores(hasher, q[layer], k_codes, layer, "asymmetric")[:, 0]
-    kernel_k = k_codes.transpose(1, 0, 2)[None]  # [1, Hkv, T, W]
+    want = group_distances(hasher, q[layer, :1], k[layer], layer)[:, 0]  # [Hkv, T]
+    kernel_k = hasher.encode_keys(k[layer], layer).transpose(1, 0, 2)[None]  # [1, Hkv, T, W]
     kernel_q = hasher.encode_queries(q[layer, :1], layer).reshape(1, HKV, 3, -1)
-    lengths = jnp.array([40], jnp.int32)
-    np.testing.assert_array_equal(
-        reference.hamming_scores_reference(kernel_q, kernel_k, lengths)[0], ham.astype(jnp.int32)
-    )
-    kernel_w = hasher.query_weights(q[layer, :1], layer).reshape(1, HKV, 3, -1)
+    everything = (jnp.array([0], jnp.int32), jnp.array([40], jnp.int32))
+    got, histogram = pk.hamming_histogram(kernel_q, kernel_k, *everything)
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(histogram[0].sum(-1), 40)
+
+
+def test_group_agreement_counts_equal_bits_per_group():
+    rng = np.random.default_rng(8)
+    q = jnp.asarray(rng.integers(0, 2**32, size=(5, 4), dtype=np.uint32))  # b = 128
+    k = jnp.asarray(rng.integers(0, 2**32, size=(5, 4), dtype=np.uint32))
+    q_bits, k_bits = np.asarray(signs(q)), np.asarray(signs(k))  # [5, 128] +-1
+    same = (q_bits == k_bits).reshape(5, 16, 8).mean(-1)  # 16 groups of 8 bits
+    np.testing.assert_allclose(group_agreement(q, k, 16), same)
     np.testing.assert_allclose(
-        reference.asymmetric_scores_reference(kernel_w, kernel_k, lengths)[0], asym, atol=1e-4
+        group_agreement(q, k, 2), (q_bits == k_bits).reshape(5, 2, 64).mean(-1)
     )
+    # The relaxation agrees with the counts on +-1 codes.
+    np.testing.assert_allclose(soft_agreement(jnp.asarray(q_bits), jnp.asarray(k_bits), 16), same)
+
+
+def test_tier2_logits_are_the_scaled_similarity_plus_a_residual():
+    hasher = Hasher(_config(), rngs=nnx.Rngs(6))
+    similarity = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (HQ, 7)), jnp.float32)
+    neutral = jnp.full((HQ, 7, 16), 0.5)  # every group half equal: residual input 0
+    hasher.residual.maps[1].w[...] = jnp.zeros_like(hasher.residual.maps[1].w[...])
+    got = hasher.approx_logits(similarity, neutral, 1)
+    np.testing.assert_allclose(got, hasher.logit_scale[...][1][:, None] * similarity, rtol=1e-6)
+    # SimHash has no learned map: its "logits" are the similarity itself.
+    base = simhash(_config(), seed=0)
+    np.testing.assert_array_equal(base.approx_logits(similarity, neutral, 1), similarity)
+    assert np.all(np.asarray(base.discounts()[0]) < 1e-6)
 
 
 def test_symmetric_queries_use_their_kv_heads_encoder():
@@ -153,8 +171,12 @@ def test_fit_input_stats_centres_keys():
     [
         ({"bits": 48}, "multiple of 32"),
         ({"kind": "lsh"}, "kind"),
-        ({"query_depth": 5}, "query_depth"),
+        ({"query_hidden": (0,)}, "widths"),
         ({"scoring": "cosine"}, "scoring"),
+        ({"kind": "symmetric", "scoring": "asymmetric"}, "asymmetric scoring"),
+        ({"residual_groups": 3}, "residual_groups"),
+        ({"tier2": "x"}, "tier2"),
+        ({"dense_first": -1}, "dense layers"),
     ],
 )
 def test_bad_configs_are_refused(overrides, needle):
@@ -179,16 +201,20 @@ def _model_like(**overrides):
 
 
 def test_artifact_round_trip(tmp_path):
-    hasher = Hasher(_config(kind="asymmetric", query_depth=3), rngs=nnx.Rngs(7))
+    hasher = Hasher(
+        _config(kind="asymmetric", query_hidden=(8, 8), train_length=512), rngs=nnx.Rngs(7)
+    )
     hasher.key_mean[...] = jnp.full(hasher.key_mean.shape, 0.25)
-    save_hasher(hasher, tmp_path / "h", metadata={"heldout": {"topk_recall": 0.5}})
+    save_hasher(hasher, tmp_path / "h", metadata={"heldout": {"recall_at_100": 0.5}})
     loaded = load_hasher(tmp_path / "h", _model_like(), bits=64)
     assert loaded.config == hasher.config
     k, q = _inputs(7)
     np.testing.assert_array_equal(loaded.encode_keys(k), hasher.encode_keys(k))
     np.testing.assert_array_equal(loaded.query_weights(q), hasher.query_weights(q))
     meta = read_metadata(tmp_path / "h")
-    assert meta["heldout"] == {"topk_recall": 0.5} and meta["config"]["bits"] == 64
+    assert meta["heldout"] == {"recall_at_100": 0.5} and meta["config"]["bits"] == 64
+    assert meta["format"] == 2 and meta["config"]["query_hidden"] == [8, 8]
+    assert meta["config"]["train_length"] == 512 and meta["config"]["tier2"] == "1/16"
 
 
 def test_a_mismatched_hasher_is_refused_naming_what_differs(tmp_path):
@@ -210,20 +236,26 @@ def test_missing_or_damaged_artifacts_give_clear_errors(tmp_path):
         load_hasher(tmp_path / "absent")
     save_hasher(Hasher(_config(), rngs=nnx.Rngs(0)), tmp_path / "h")
     meta = tmp_path / "h" / "hasher.json"
-    meta.write_text(json.dumps({"format": 99}))
-    with pytest.raises(DashKVError, match="not a format-1 hasher"):
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "format": 99}))
+    with pytest.raises(DashKVError, match="not a format-2 hasher"):
+        load_hasher(tmp_path / "h")
+    meta.write_text(json.dumps({**record, "format": 1}))  # the two-stage method's artifacts
+    with pytest.raises(DashKVError, match="before DASH-KV's three tiers .* retrain"):
         load_hasher(tmp_path / "h")
 
 
-def test_the_shipped_hasher_fits_the_bundled_model(smollm2):
+def test_the_shipped_hashers_fit_the_bundled_model(smollm2):
     model, _ = smollm2
     hasher = load_hasher(DEFAULT_HASHER, model)
     c = hasher.config
     assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 9, 3, 64)
-    assert c.kind == "asymmetric" and c.bits == 128 and c.scoring == "asymmetric"
+    assert c.kind == "asymmetric" and c.bits == 128 and c.scoring == "hamming"
+    assert 0 < c.train_length <= 2048  # short-train, long-infer
     size = sum(f.stat().st_size for f in DEFAULT_HASHER.rglob("*") if f.is_file())
-    assert size < 20e6
+    assert size < 25e6
     meta = read_metadata(DEFAULT_HASHER)
-    assert meta["heldout"]["asymmetric-asymmetric"]["topk_recall"] > 0.85
+    held = meta["heldout"]
+    assert held["asymmetric"]["recall_at_100"] > held["simhash"]["recall_at_100"]
     symmetric = load_hasher(DEFAULT_SYMMETRIC_HASHER, model)
     assert symmetric.config.kind == "symmetric" and symmetric.config.bits == 128

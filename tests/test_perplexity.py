@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
+from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.sparse import OracleAttention, StreamingAttention
 from dashkv_jax.evaluation.perplexity import decode_perplexity
+from dashkv_jax.hashing.encoders import HasherConfig, simhash
 from dashkv_jax.models.llama import forward
 
 
@@ -24,7 +26,10 @@ def test_full_attention_equals_the_plain_forward(smollm2, ids):
     nll = -jnp.take_along_axis(logprobs, jnp.asarray(ids[1:, None]), axis=-1).mean()
     result = decode_perplexity(model, ids)
     assert result["perplexity"] == pytest.approx(float(jnp.exp(nll)), rel=1e-5)
-    assert result["tokens"] == 400 and result["mean_attended"] is None
+    assert result["tokens"] == 400 and result["approx_tokens"] == 0
+    # Position p reads p + 1 tokens: 200.5 on average, K and V of 64 float32 dims each.
+    assert result["exact_tokens"] == pytest.approx(200.5)
+    assert result["bytes"] == pytest.approx(200.5 * 2 * 64 * 4)
 
 
 def test_budgets_order_the_methods(smollm2, ids):
@@ -37,3 +42,25 @@ def test_budgets_order_the_methods(smollm2, ids):
     print(f"full {full:.3f}  oracle@96 {oracle:.3f}  streaming@96 {streaming:.3f}")
     np.testing.assert_allclose(covering, full, rtol=1e-4)
     assert full <= oracle * 1.001 and oracle < streaming
+
+
+def test_what_each_method_reads(smollm2, ids):
+    """Tokens and bytes per KV head and step: the budget in the sparse layers, everything in the
+    sandwich's exact ones; DASH-KV adds its codes and tier 2's V (and codes)."""
+    model, _ = smollm2
+    hasher = simhash(HasherConfig.for_model(model.config, bits=128))
+    oracle = decode_perplexity(model, ids, OracleAttention(budget=96, dense_first=2, dense_last=2))
+    dashkv = HashedAttention(budget=96, tier2=32, hasher=hasher, dense_first=2, dense_last=2)
+    hashed = decode_perplexity(model, ids, dashkv)
+    layers = oracle["per_layer"]
+    assert (
+        layers["exact_tokens"][:2] == [200.5, 200.5] and layers["exact_tokens"][-2:] == [200.5] * 2
+    )
+    middle = np.asarray(hashed["per_layer"]["exact_tokens"][2:-2])
+    # Positions past 96 + 32 = 128 use the whole budget and tier 2; the first ones have less.
+    assert (middle < 96).all() and (middle > 70).all()
+    assert np.all(np.asarray(hashed["per_layer"]["approx_tokens"][2:-2]) > 10)
+    exact, approx = middle[0], hashed["per_layer"]["approx_tokens"][2]
+    want = 200.5 * 16 + exact * 2 * 64 * 4 + approx * (64 * 4 + 16)
+    assert hashed["per_layer"]["bytes"][2] == pytest.approx(want, rel=1e-4)
+    assert hashed["perplexity"] < 1.2 * oracle["perplexity"]

@@ -1,4 +1,5 @@
-"""Recall metrics on hand-computed cases, and `dashkv recall` on real held-out text."""
+"""The paper's retrieval metrics: hand-computed cases, the decode-path measurement, and
+`dashkv recall` on real held-out text."""
 
 import json
 
@@ -7,53 +8,38 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
+from dashkv_jax.attention.methods import make_methods
 from dashkv_jax.cli import main
-from dashkv_jax.evaluation.recall import quest_bounds
+from dashkv_jax.evaluation.recall import method_metrics
 from dashkv_jax.hashing.retrieval import Budget, selection_metrics
 
 
-def test_metrics_on_a_hand_computed_case():
-    # Eight keys, the first one ineligible (a sink). Group attention over the eligible seven:
-    probs = jnp.array([0.0, 0.40, 0.05, 0.25, 0.10, 0.02, 0.15, 0.03])
-    # Hashed scores rank keys 0 (ineligible, skipped), 2, 6, 1, 5, ... : candidates C=3 are
-    # {2, 6, 1}.
-    scores = jnp.array([9.0, 5.0, 7.0, 0.0, 1.0, 4.0, 6.0, 2.0])
-    eligible = jnp.arange(8) >= 1
-    got = selection_metrics(probs, scores, eligible, k=2, candidates=3)
-    # O = top-2 by attention = {1, 3}. Candidates hold 1 of them: recall = 1/2.
-    # S = top-2 of the candidates by attention = {1, 6}: |S & O| = 1, |S | O| = 3, IoU = 1/3.
-    # Mass: S holds 0.40 + 0.15 = 0.55, O holds 0.40 + 0.25 = 0.65: 0.55 / 0.65.
-    np.testing.assert_allclose(got, [0.5, 1 / 3, 0.55 / 0.65], rtol=1e-6)
+def test_recall_at_100_by_hand():
+    # 150 keys, 4..139 eligible (136 of them); attention grows with the index, so the 100 with
+    # the most are keys 40..139. A tier 1 of the 50 closest: distance 1000 - j picks 90..139,
+    # all of them top keys (Recall@100 = 50/100) and the oracle's top 50 (mass recall 1);
+    # distance j picks 4..53, of which 40..53 are top keys: 14/100.
+    j = jnp.arange(150)
+    eligible = (j >= 4) & (j < 140)
+    probs = jnp.where(eligible, j.astype(jnp.float32), 0.0)
+    probs = probs / probs.sum()
+    good = selection_metrics(probs, 1000 - j, eligible, k=50)
+    np.testing.assert_allclose(good, [0.5, 1.0], rtol=1e-6)
+    bad = selection_metrics(probs, j, eligible, k=50)
+    assert bad[0] == pytest.approx(0.14)
+    mass = probs[4:54].sum() / probs[90:140].sum()
+    assert bad[1] == pytest.approx(float(mass), rel=1e-5)
 
 
-def test_exact_scores_score_perfectly_and_reversed_scores_do_not():
-    rng = np.random.default_rng(0)
-    probs = jnp.asarray(rng.dirichlet(np.ones(100), size=(3, 5)), jnp.float32)  # [3, 5, 100]
-    eligible = jnp.ones(100, bool)
-    perfect = selection_metrics(probs, probs, eligible, k=4, candidates=8)
-    assert perfect.shape == (3, 5, 3)
-    np.testing.assert_allclose(perfect, 1.0, rtol=1e-6)
-    worst = selection_metrics(probs, -probs, eligible, k=4, candidates=8)
-    np.testing.assert_array_equal(worst[..., 0], 0.0)
+def test_fewer_than_100_eligible_keys_all_count():
+    probs = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(40)), jnp.float32)
+    eligible = jnp.ones(40, bool)
+    np.testing.assert_allclose(selection_metrics(probs, -probs, eligible, k=40)[0], 1.0)
+    np.testing.assert_allclose(selection_metrics(probs, -probs, eligible, k=10)[0], 0.25)
 
 
-def test_quest_bounds_by_hand():
-    # One KV head, two query heads, D = 2; pages of 2 over 3 keys (the last page padded).
-    keys = jnp.array([[1.0, -2.0], [3.0, 0.0], [-1.0, 4.0]])[:, None, :]  # [T=3, Hkv=1, D=2]
-    queries = jnp.array([[[1.0, 1.0], [-1.0, 0.0]]])  # [Q=1, Hq=2, D=2]
-    got = quest_bounds(queries, keys, page=2)
-    # Page 0 = keys 0, 1: max (3, 0), min (1, -2). Per dimension the larger of q*max, q*min:
-    # head 0 (1, 1): 3 + 0 = 3; head 1 (-1, 0): -1 + 0 = -1. The group's best: 3 (keys 0, 1).
-    # Page 1 = key 2 alone: head 0: -1 + 4 = 3; head 1: 1 + 0 = 1 -> 3.
-    np.testing.assert_allclose(got, [[[3.0, 3.0, 3.0]]])
-    queries = jnp.array([[[0.0, -1.0], [0.0, -1.0]]])
-    # Page 0: -1 * min(-2, 0) = 2; page 1: -4.
-    np.testing.assert_allclose(quest_bounds(queries, keys, page=2), [[[2.0, 2.0, -4.0]]])
-
-
-def test_budget_sizes():
-    assert Budget(1 / 32, 1 / 8).sizes(1024) == (32, 128)
-    assert Budget(1 / 32, 1 / 8).sizes(8192) == (256, 1024)
+def test_budget_size():
+    assert Budget(1 / 16).size(2048) == 128
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +49,38 @@ def heldout_text(tmp_path_factory):
     return path
 
 
+def test_decode_path_metrics_on_real_text(smollm2):
+    """The oracle reads the top middle keys exactly: Recall@100 is 1 with room for 100, and its
+    KL is what the tokens it leaves out carry; StreamingLLM's is larger."""
+    model, tokenizer = smollm2
+    docs = data.load_documents(split="heldout")
+    ids = next(data.iter_token_windows(docs, tokenizer, 600, concatenate=True))
+    methods = make_methods(model, ["oracle", "streaming"], 600, "200")  # 132 selected
+    got = method_metrics(model, ids, methods, np.array([400, 500, 599]))
+    oracle, streaming = got["oracle"], got["streaming"]
+    assert oracle["recall_at_100"] == pytest.approx(1.0)
+    assert 0 < oracle["kl"] < streaming["kl"] and streaming["recall_at_100"] < 0.9
+    assert oracle["exact_tokens"] == 200 and oracle["approx_tokens"] == 0
+    assert oracle["sparse_layers"] == list(range(1, 30))  # the default sandwich: layer 0 exact
+    assert len(oracle["per_layer"]["kl"]) == 29
+    assert oracle["bytes"] == 200 * 2 * 64 * 4
+
+
 def test_recall_cli_prints_every_method_as_json(heldout_text, capsys):
-    argv = ["recall", "--text-file", str(heldout_text), "--context", "512", "--queries", "32"]
-    code = main([*argv, "--json"])
+    argv = ["recall", "--text-file", str(heldout_text), "--context", "1024", "--budget", "256"]
+    code = main([*argv, "--queries", "16", "--methods", "simhash,dashkv,quest", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads(out)
-    assert (report["context"], report["k"], report["candidates"]) == (512, 16, 64)
+    assert (report["context"], report["budget"], report["tier2"]) == (1024, 256, 64)
     methods = report["methods"]
-    assert list(methods) == ["quest", "simhash", "asymmetric-hamming", "asymmetric-asymmetric"]
+    assert list(methods) == ["simhash", "dashkv", "quest"]
     for metrics in methods.values():
-        assert set(metrics) == {"topk_recall", "iou", "mass_recall"}
-        assert all(0 <= v <= 1 for v in metrics.values())
+        assert 0 <= metrics["recall_at_100"] <= 1 and metrics["kl"] >= 0
+        assert metrics["exact_tokens"] == 256
+    assert methods["dashkv"]["approx_tokens"] == 64 and methods["quest"]["approx_tokens"] == 0
     # The shipped hasher, trained on other articles, finds more than SimHash with equal bits.
-    for learned in ("asymmetric-hamming", "asymmetric-asymmetric"):
-        assert methods[learned]["topk_recall"] > methods["simhash"]["topk_recall"] + 0.1
-        assert methods[learned]["mass_recall"] > methods["quest"]["mass_recall"]
+    assert methods["dashkv"]["recall_at_100"] > methods["simhash"]["recall_at_100"]
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -91,11 +93,13 @@ def _one_line_error(capsys, argv, *needles):
 
 
 def test_recall_cli_errors(heldout_text, tmp_path, capsys):
-    text = ["--text-file", str(heldout_text)]
-    _one_line_error(capsys, ["recall", *text, "--budget", "2"], "--budget")
-    _one_line_error(capsys, ["recall", *text, "--candidates", "x/8"], "fraction")
+    text = ["--text-file", str(heldout_text), "--context", "1024"]
+    _one_line_error(capsys, ["recall", *text, "--budget", "2"], "leaves nothing to select")
+    _one_line_error(capsys, ["recall", *text, "--budget", "x/8"], "fraction")
+    _one_line_error(capsys, ["recall", *text, "--methods", "full"], "reference")
+    _one_line_error(capsys, ["recall", *text, "--methods", "magic"], "unknown method")
     _one_line_error(capsys, ["recall", "--text-file", str(tmp_path / "no.txt")], "no.txt")
     _one_line_error(capsys, ["recall", *text, "--hasher", str(tmp_path)], "no hasher at")
     _one_line_error(
-        capsys, ["recall", *text, "--context", "100000"], "tokens, fewer than the context"
+        capsys, ["recall", "--text-file", str(heldout_text), "--context", "100000"], "exceeds"
     )

@@ -12,7 +12,7 @@ import pytest
 
 from dashkv_jax import data
 from dashkv_jax.attention.full import FullAttention
-from dashkv_jax.attention.methods import make_attention, parse_budget
+from dashkv_jax.attention.methods import make_methods
 from dashkv_jax.attention.sharded import (
     DecodeConfig,
     ShardedAttention,
@@ -20,7 +20,7 @@ from dashkv_jax.attention.sharded import (
     parse_mesh,
     shard_model,
 )
-from dashkv_jax.attention.sparse import OracleAttention, middle_bounds
+from dashkv_jax.attention.sparse import OracleAttention
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.llama import capture_qk, decode_step, prefill
 
@@ -34,8 +34,8 @@ CONFIG = DecodeConfig(
     mesh="seq=8,batch=1",
     context=512,
     steps=3,
-    budget="96",  # 4 sinks + 64 window + up to 28 selected
-    candidates="128",
+    budget="96",  # 4 sinks + 64 window + 28 in tier 1
+    tier2="64",
     max_slots_per_device=128,
 )
 SLOTS = 520  # context + steps, rounded up to a multiple of 8
@@ -56,9 +56,9 @@ def mesh():
 
 
 def _inner(method, model):
-    budget = parse_budget(CONFIG.budget, CONFIG.context)
-    candidates = parse_budget(CONFIG.candidates, CONFIG.context)
-    return make_attention(method, budget, model, candidates=candidates)
+    budget = None if method == "full" else CONFIG.budget
+    (inner,) = make_methods(model, [method], CONFIG.context, budget, CONFIG.tier2).values()
+    return inner
 
 
 def _run(model, ids, attention):
@@ -96,8 +96,9 @@ def runs(smollm2, sharded_model, text_ids, mesh):
 @pytest.mark.parametrize("method", ["full", "dashkv"])
 def test_sharded_decode_equals_one_device(runs, method):
     inner, (expected, single), (got, cache) = runs[method]
-    if method == "dashkv":  # the shipped asymmetric hasher, scoring real query weights
-        assert inner.hasher.config.kind == "asymmetric" and inner.scoring == "asymmetric"
+    if method == "dashkv":  # the shipped hasher, every component on
+        assert inner.hasher.config.kind == "asymmetric" and inner.tier2 == 64
+        assert inner.consensus and inner.momentum and inner.residual
     for step, (want, have) in enumerate(zip(expected, got, strict=True)):
         # Measured: at most 3.5e-5 (the log-sum-exp merge and the split matmuls round
         # differently) on logits of magnitude ~20.
@@ -115,10 +116,10 @@ def test_sharded_decode_equals_one_device(runs, method):
         written = CONFIG.context + CONFIG.steps
         np.testing.assert_array_equal(cache.codes[:, 0, :, :written], codes[:, :, :written])
         np.testing.assert_array_equal(cache.codes[:, 0, :, written:], 0)
-        # ... and every sparse layer's adaptive cut kept as many tokens as on one device.
-        np.testing.assert_array_equal(cache.attended, single.attended)
-        attended = np.asarray(cache.attended[inner.dense_layers :])
-        assert (attended >= 4 + 64 + inner.k_min).all() and (attended <= inner.budget).all()
+        # ... and every sparse layer used the tiers' full sizes, as on one device.
+        np.testing.assert_array_equal(cache.usage, single.usage)
+        usage = np.asarray(cache.usage[inner.dense_first : 30 - inner.dense_last])
+        assert (usage[..., 0] == inner.budget).all() and (usage[..., 1] == inner.tier2).all()
 
 
 @pytest.mark.parametrize("method", ["full", "dashkv"])
@@ -137,8 +138,9 @@ def test_each_device_holds_an_eighth_of_each_cache(runs, method):
 
 
 def test_merged_selection_equals_one_device(smollm2, text_ids, runs, mesh):
-    """Local top-C per device, all-gathered and merged, picks exactly the slots that DASH-KV
-    picks from the whole cache: same cache, same real queries, every sparse layer."""
+    """Histograms summed over the devices and tie counts carried from the devices before pick
+    exactly the tiers DASH-KV picks from the whole cache: same cache, same real queries, every
+    sparse layer."""
     model, _ = smollm2
     inner, (_, single), _ = runs["dashkv"]
     sharded = ShardedAttention(inner, mesh)
@@ -147,18 +149,19 @@ def test_merged_selection_equals_one_device(smollm2, text_ids, runs, mesh):
     q = np.asarray(capture_qk(model, text_ids[:, :end])[0])  # [L, B, T, Hq, D]
     hkv = model.config.num_kv_heads
     pos = np.asarray(single.lengths) - 1  # the last token written
-    lo, hi = middle_bounds(pos, inner.sinks, inner.window)
-    one_device = jax.jit(inner.select)
+    m = inner.prior_size
+    no_prior = (jnp.full((1, m), -1, jnp.int32), jnp.zeros((1, m)))
+    one_device = jax.jit(lambda c, layer, q, pos: inner.tiers(c, layer, q, pos, no_prior)[:2])
     merged = jax.jit(sharded.select)
     shards_hit = set()
-    for layer in range(inner.dense_layers, model.config.num_layers):
+    for layer in range(inner.dense_first, model.config.num_layers - inner.dense_last):
         qg = q[layer, :, end - 1].reshape(1, hkv, -1, q.shape[-1])  # [B, Hkv, G, D]
-        want, want_ok = one_device(single, jnp.asarray(layer), qg, pos, lo, hi)
-        got, got_ok = merged(on_mesh, np.int32(layer), qg, pos)  # host inputs go anywhere
-        np.testing.assert_array_equal(got_ok, want_ok, err_msg=f"layer {layer}")
-        np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")
-        assert want_ok.sum(-1).min() >= inner.k_min
-        shards_hit |= set((np.asarray(want)[np.asarray(want_ok)] // (SLOTS // SEQ)).tolist())
+        want = one_device(single, jnp.asarray(layer), qg, pos)
+        got = merged(on_mesh, np.int32(layer), qg, pos)  # host inputs go anywhere
+        for tier, (g, w) in enumerate(zip(got, want, strict=True), 1):
+            np.testing.assert_array_equal(g, w, err_msg=f"layer {layer} tier {tier}")
+        picked = np.concatenate([np.asarray(w).ravel() for w in want])
+        shards_hit |= set((picked[picked >= 0] // (SLOTS // SEQ)).tolist())
     # The picks come from (nearly) every device's slots: the merge is doing real work.
     assert len(shards_hit) >= SEQ - 1
 

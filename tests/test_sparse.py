@@ -13,7 +13,7 @@ from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.methods import parse_budget
 from dashkv_jax.attention.sparse import OracleAttention, QuestAttention, StreamingAttention
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.hashing.encoders import HasherConfig, simhash
+from dashkv_jax.hashing.encoders import Hasher, HasherConfig, simhash
 from dashkv_jax.models.config import ModelConfig
 from dashkv_jax.models.llama import decode_step, prefill
 
@@ -73,8 +73,10 @@ def _one_layer_cache(keys, values):
 
 
 def _decode(attention, cache, q):
-    """Sparse decode of a query q [D] at layer 0 (dense_layers=0): -> [D]."""
-    out, _ = attention.attend_critical(cache, jnp.asarray(0), q[None, None, None, :], cache.lengths)
+    """Sparse decode of a query q [D] at layer 0 (no dense layers): -> [D]."""
+    out, _, _ = attention.attend_critical(
+        cache, jnp.asarray(0), q[None, None, None, :], cache.lengths
+    )
     return np.asarray(out[0, 0, 0])
 
 
@@ -84,7 +86,9 @@ def test_oracle_equals_brute_force_topk_attention():
     keys = rng.normal(size=(s, d)).astype(np.float32)
     values = rng.normal(size=(s, d)).astype(np.float32)
     q = rng.normal(size=(d,)).astype(np.float32) * 2
-    attention = OracleAttention(budget=budget, sinks=sinks, window=window, dense_layers=0)
+    attention = OracleAttention(
+        budget=budget, sinks=sinks, window=window, dense_first=0, dense_last=0
+    )
     got = _decode(attention, _one_layer_cache(keys, values), jnp.asarray(q))
 
     logits = keys @ q / np.sqrt(d)
@@ -103,7 +107,7 @@ def test_streaming_keeps_sinks_and_the_most_recent_tokens():
     s = 12
     keys = np.zeros((s, s), np.float32)
     values = np.eye(s, dtype=np.float32)
-    attention = StreamingAttention(budget=7, sinks=2, window=3, dense_layers=0)
+    attention = StreamingAttention(budget=7, sinks=2, window=3, dense_first=0, dense_last=0)
     got = _decode(attention, _one_layer_cache(keys, values), jnp.zeros(s))
     expected = np.zeros(s)
     expected[[0, 1, 7, 8, 9, 10, 11]] = 1 / 7
@@ -120,7 +124,9 @@ def test_quest_picks_the_page_with_the_highest_bound():
     values = np.eye(s, d, dtype=np.float32)
     q = np.zeros(d, np.float32)
     q[0] = 1.0
-    attention = QuestAttention(budget=12, sinks=4, window=4, dense_layers=0, page_size=4)
+    attention = QuestAttention(
+        budget=12, sinks=4, window=4, dense_first=0, dense_last=0, page_size=4
+    )
     got = _decode(attention, _one_layer_cache(keys, values), jnp.asarray(q))
     kept = [0, 1, 2, 3, 20, 21, 22, 23, 36, 37, 38, 39]
     logits = np.zeros(len(kept))
@@ -141,7 +147,7 @@ def test_dense_layers_stay_exact(smollm2):
     model, tokenizer = smollm2
     ids = jnp.asarray([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 20).ids])
     t = ids.shape[1] - 1
-    attention = OracleAttention(budget=72, dense_layers=model.config.num_layers)
+    attention = OracleAttention(budget=72, dense_first=model.config.num_layers)
     _, a = prefill(model, ids[:, :t], model.init_cache(1, t + 1, FULL), FULL)
     _, b = prefill(model, ids[:, :t], model.init_cache(1, t + 1, attention), attention)
     expected, _ = decode_step(model, ids[:, t], a, FULL)
@@ -190,10 +196,22 @@ def _simhash_dashkv(**kwargs):
     """DASH-KV's hashed selection with an untrained 64-bit hasher shaped like the bundled model."""
     config = HasherConfig("smollm2", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                           bits=64, kind="simhash")  # fmt: skip
-    return HashedAttention(hasher=simhash(config), candidates=48, tau=0.9, k_min=8, **kwargs)
+    return HashedAttention(hasher=simhash(config), tier2=24, **kwargs)
 
 
-@pytest.mark.parametrize("method", [*METHODS, _simhash_dashkv], ids=lambda m: m.__name__.strip("_"))
+def _learned_dashkv(**kwargs):
+    """DASH-KV with every component on: an untrained learned hasher, consensus and momentum
+    discounts that move tokens between tiers, and tier 2."""
+    config = HasherConfig("smollm2", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                          bits=64, query_hidden=(16,))  # fmt: skip
+    hasher = Hasher(config, rngs=nnx.Rngs(5))
+    hasher.consensus_raw[...] = jnp.full((30,), 3.0)
+    return HashedAttention(hasher=hasher, tier2=24, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "method", [*METHODS, _simhash_dashkv, _learned_dashkv], ids=lambda m: m.__name__.strip("_")
+)
 def test_teacher_forced_prefill_equals_stepwise_decode(smollm2, method):
     """Decode-mode evaluation in one pass computes what token-by-token decoding computes."""
     model, tokenizer = smollm2

@@ -106,6 +106,13 @@ class FullAttention:
     def adopt(self, cache: KVCache) -> KVCache:
         return cache
 
+    def step_bytes(self, exact, approx, n_tokens, head_dim: int, itemsize: int):
+        """Bytes read per KV head by a step that used `exact` tokens (K and V read) and
+        `approx` ones (V alone) over a cache of `n_tokens`: the unit methods are compared in.
+        Full attention and the budget methods read K and V of their tokens and nothing else
+        (the oracle's exact scores are an ideal it is not charged for)."""
+        return exact * 2 * head_dim * itemsize
+
 
 # Slots read per step of the decode loop, by backend. XLA:CPU copies a layer sliced out of the
 # stacked cache before a dot reads it (128K slots: 100 MB for K alone), so the CPU reads small
@@ -129,7 +136,9 @@ def attend_all(cache: KVCache, layer: Array, q: Array, chunk: int | None = None)
     b, _, hq, d = q.shape
     hkv, max_len = cache.k.shape[2], cache.max_len
     qg = q.reshape(b, hkv, hq // hkv, d)
-    chunk = min(chunk or decode_chunk(), max_len)
+    # Never the whole cache in one chunk: inside the model's layer scan, XLA:CPU then copies
+    # the entire stacked cache at every layer (SmolLM2 at 4096 slots: 2 s a step, not 0.25).
+    chunk = min(chunk or decode_chunk(), max(max_len // 2, 1))
 
     def read(start, cache_part):  # [B, Hkv, chunk, D] of one layer
         return jax.lax.dynamic_slice(cache_part, (layer, 0, 0, start, 0), (1, b, hkv, chunk, d))[0]

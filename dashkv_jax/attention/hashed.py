@@ -1,16 +1,33 @@
-"""DASH-KV decode attention: a code cache, the packed-bit coarse filter, the adaptive exact cut.
+"""DASH-KV decode attention: a code cache, calibrated Hamming distances, three tiers.
 
-Per layer, KV head and decode step (DESIGN.md section 2):
+Per DASH-KV layer (all but the sandwich's first and last ones), KV head and decode step
+(DESIGN.md section 2):
 
 1. every key's code is written once, when its token enters the cache (prefill or decode);
-2. the query is encoded (hamming: sign codes; asymmetric: real weights);
-3. `pallas_kernels` scores every middle slot and keeps the top `candidates`;
-4. exact q.k on the candidates; they are ranked by the group's softmax mass among them and cut
-   at the smallest prefix reaching `tau` of that mass, clipped to [k_min, k_max];
-5. exact attention over sinks + window + the cut (`SparseAttention.attend_critical`).
+2. the query heads of the group are encoded (sign codes: hamming scoring, the paper; or real
+   weights: this project's asymmetric-scoring extension);
+3. one pass over the code cache gives every selectable slot's group distance D (the sum over
+   the G query heads of the Hamming distance) and the histogram of D (`pallas_kernels`);
+4. calibration: a token that at least `t_vote` KV heads of the layer put in their first-pass
+   tier 1 loses the learned consensus discount (majority vote corrects one head's miss), and a
+   token the previous DASH-KV layer attended to loses the learned momentum discount times that
+   layer's attention weight on it (mean over its query heads); discounts are rounded to whole
+   distance units and the histogram follows;
+5. tiers by rank of the calibrated distance (ties to the older token), thresholds read off the
+   cumulative histogram, slots compacted into fixed-size lists: tier 1, the `budget - S - R`
+   closest, attends exactly (K and V read); tier 2, the next `tier2`, enters the same softmax
+   with an approximate logit from the codes (`Hasher.approx_logits`: the hash inner product
+   scaled, plus the residual MLP) and its V read in full; the rest is masked for this step,
+   not evicted. Sinks and the recent window are always exact.
 
-The same class runs the hashed baselines: a SimHash hasher (random projections) and a symmetric
-learned hasher, each at the same bits and budget.
+The approximate logits are fixed up to a constant per query (the softmax, and the KL loss that
+trains them, cannot see one); each step anchors them on the tokens whose exact logits it has,
+tier 1 and the window: a learned hasher adds the mean gap, SimHash fits a line (it has no
+learned scale). Every component can be switched off (`consensus`, `momentum`, `tier2=0`,
+`residual`) for the ablation.
+
+The same class runs the hashed baselines at equal bits and tiers: SimHash (random projections,
+the paper's "naive LSH") and a symmetric learned hasher.
 """
 
 import jax
@@ -19,70 +36,93 @@ from flax import struct
 
 import pallas_kernels
 from dashkv_jax.attention.full import KVCache, backend
-from dashkv_jax.attention.sparse import SparseAttention, gather_rows
-from dashkv_jax.hashing.encoders import Hasher
-from dashkv_jax.models.config import ModelConfig
+from dashkv_jax.attention.sparse import (
+    SparseAttention,
+    SparseCache,
+    fixed_slots,
+    gather_rows,
+    middle_bounds,
+)
+from dashkv_jax.hashing.encoders import Hasher, group_agreement, popcount
 
 Array = jax.Array
-# Asymmetric coarse scores (|score| <= G * bits) are ranked in steps of 1 / ASYMMETRIC_STEPS.
-ASYMMETRIC_STEPS = 16
-
-
-def adaptive_cut(sorted_mass: Array, total: Array, tau: float, k_min: int) -> Array:
-    """Keep the smallest prefix of sorted_mass [..., K] (descending) whose sum reaches
-    tau * total [..., 1], and at least k_min entries -> bool [..., K]."""
-    if tau >= 1:  # keep all: rounding in the running sum must not drop a tail of tiny masses
-        return jnp.ones(sorted_mass.shape, bool)
-    before = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass
-    return (before < tau * total) | (jnp.arange(sorted_mass.shape[-1]) < k_min)
+# The asymmetric-scoring extension ranks real scores in distance steps of 1/ASYMMETRIC_STEPS.
+ASYMMETRIC_STEPS = 8
+DISTANCE_SENTINEL = pallas_kernels.DISTANCE_SENTINEL  # slots that are not selectable
 
 
 @struct.dataclass
-class CodeCache(KVCache):
-    """The KV cache plus packed key codes, and what the adaptive cut spent."""
+class CodeCache(SparseCache):
+    """The KV cache plus packed key codes and the momentum prior carried from layer to layer."""
 
     codes: Array = None  # [layers, batch, kv_heads, max_len, bits / 32] uint32
-    attended: Array = None  # [layers, batch, kv_heads] float32: tokens attended, latest step
-
-    @classmethod
-    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype, words: int):
-        base = KVCache.create(config, batch, max_len, dtype)
-        shape = (config.num_layers, batch, config.num_kv_heads)
-        return cls(
-            k=base.k,
-            v=base.v,
-            lengths=base.lengths,
-            codes=jnp.zeros((*shape, max_len, words), jnp.uint32),
-            attended=jnp.zeros(shape, jnp.float32),
-        )
+    # The previous DASH-KV layer's attended slots and their weight (mean over its query heads),
+    # per query: one at a decode step, every prompt position when teacher-forced.
+    prior_slots: Array = None  # [batch, queries, M] int32, -1 where unused
+    prior_weights: Array = None  # [batch, queries, M] float32
 
 
 @backend
 class HashedAttention(SparseAttention):
-    """Hashed coarse filter + exact fine ranking with an adaptive, mass-based cut.
-
-    `budget` bounds the tokens attended (sinks + window + k_max); `candidates` (C) is how many
-    the coarse filter passes to exact scoring.
-    """
+    """DASH-KV's three tiers at an exact `budget` (sinks + window + tier 1) plus `tier2`
+    approximate tokens per KV head and step."""
 
     hasher: Hasher = None
-    candidates: int = struct.field(pytree_node=False, default=1024)
+    tier2: int = struct.field(pytree_node=False, default=0)
+    consensus: bool = struct.field(pytree_node=False, default=True)
+    momentum: bool = struct.field(pytree_node=False, default=True)
+    residual: bool = struct.field(pytree_node=False, default=True)
     scoring: str = struct.field(pytree_node=False, default="hamming")
-    tau: float = struct.field(pytree_node=False, default=0.95)
-    k_min: int = struct.field(pytree_node=False, default=16)
     implementation: str | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         SparseAttention.__post_init__(self)
-        if self.candidates < self.selected:
-            raise ValueError(
-                f"{self.candidates=} must be at least the {self.selected} tokens the budget selects"
-            )
-        if not 0 < self.tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if self.tier2 < 0:
+            raise ValueError(f"tier2 must be >= 0 tokens, got {self.tier2}")
+        if self.scoring not in ("hamming", "asymmetric"):
+            raise ValueError(f"scoring must be 'hamming' or 'asymmetric', got {self.scoring!r}")
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    @property
+    def prior_size(self) -> int:
+        """Slots a layer hands the next one: every KV head's exact and tier-2 tokens."""
+        return self.hasher.config.num_kv_heads * (self.budget + self.tier2)
+
+    @property
+    def distance_scale(self) -> int:
+        """Distance units per unit of Hamming distance."""
+        return 1 if self.scoring == "hamming" else ASYMMETRIC_STEPS
+
+    @property
+    def bins(self) -> int:
+        return self.hasher.config.max_distance * self.distance_scale + 1
+
+    def step_bytes(self, exact, approx, n_tokens, head_dim: int, itemsize: int):
+        """Every code once, K and V of exact tokens, V and the code again of tier-2 tokens."""
+        code = self.hasher.config.bits // 8
+        return (
+            n_tokens * code
+            + exact * 2 * head_dim * itemsize
+            + approx * (head_dim * itemsize + code)
+        )
+
+    # -- the cache ---------------------------------------------------------------------------
 
     def init_cache(self, config, batch, max_len, dtype=jnp.float32) -> CodeCache:
-        return CodeCache.create(config, batch, max_len, dtype, self.hasher.config.words)
+        queries = max_len if self.teacher_forced else 1
+        return CodeCache.create(
+            config,
+            batch,
+            max_len,
+            dtype,
+            codes=jnp.zeros(
+                (config.num_layers, batch, config.num_kv_heads, max_len, self.hasher.config.words),
+                jnp.uint32,
+            ),
+            prior_slots=jnp.full((batch, queries, self.prior_size), -1, jnp.int32),
+            prior_weights=jnp.zeros((batch, queries, self.prior_size), jnp.float32),
+        )
 
     def prefill(self, cache, layer, q, k, v):
         codes = self.hasher.encode_keys(k, layer).transpose(0, 2, 1, 3)  # [B, Hkv, T, W]
@@ -103,20 +143,35 @@ class HashedAttention(SparseAttention):
 
         codes = jax.lax.map(encode, jnp.arange(cache.k.shape[0])).transpose(0, 1, 3, 2, 4)
         written = jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None]  # [B, S]
+        b = cache.k.shape[1]
         return CodeCache(
             k=cache.k,
             v=cache.v,
             lengths=cache.lengths,
+            usage=jnp.zeros((*cache.k.shape[:3], 2), jnp.float32),
             codes=jnp.where(written[None, :, None, :, None], codes, 0),  # as prefill leaves them
-            attended=jnp.zeros(cache.k.shape[:3], jnp.float32),
+            prior_slots=jnp.full((b, 1, self.prior_size), -1, jnp.int32),
+            prior_weights=jnp.zeros((b, 1, self.prior_size), jnp.float32),
         )
 
-    def record(self, cache, layer, attended):
-        return cache.replace(attended=cache.attended.at[layer].set(attended))
+    def step_state(self, cache):
+        return cache.prior_slots[:, 0], cache.prior_weights[:, 0]
 
-    def coarse_scores(self, cache: CodeCache, layer: Array, q: Array, hi: Array) -> Array:
-        """Coarse scores of every slot below hi; q [B, Hkv, G, D] -> [B, Hkv, S] int32."""
-        return self.score_codes(self.encode_query(q, layer), cache.codes[layer], hi)
+    def with_step_state(self, cache, state):
+        slots, weights = state
+        return cache.replace(prior_slots=slots[:, None], prior_weights=weights[:, None])
+
+    def position_state(self, cache, t: int):
+        return cache.prior_slots[:, :t], cache.prior_weights[:, :t]
+
+    def with_position_state(self, cache, state):
+        slots, weights = state
+        return cache.replace(
+            prior_slots=cache.prior_slots.at[:, : slots.shape[1]].set(slots),
+            prior_weights=cache.prior_weights.at[:, : weights.shape[1]].set(weights),
+        )
+
+    # -- distances, calibration, tiers -------------------------------------------------------
 
     def encode_query(self, q: Array, layer: Array) -> Array:
         """q [B, Hkv, G, D] -> packed codes [B, Hkv, G, W] (hamming) or weights [B, Hkv, G, b]."""
@@ -126,53 +181,203 @@ class HashedAttention(SparseAttention):
             return self.hasher.encode_queries(flat, layer).reshape(b, hkv, g, -1)
         return self.hasher.query_weights(flat, layer).reshape(b, hkv, g, -1)
 
-    def score_codes(self, query: Array, codes: Array, lengths: Array) -> Array:
-        """An encoded query against key codes [B, Hkv, N, W] -> int32 coarse scores [B, Hkv, N]:
-        hamming scores, or asymmetric ones rounded to steps of 1 / ASYMMETRIC_STEPS. Slots >=
-        lengths [B] get `pallas_kernels.HAMMING_SENTINEL`."""
+    def distances(self, codes: Array, query: Array, lo: Array, hi: Array):
+        """Group distances of the selectable slots [lo, hi) of codes [B, Hkv, N, W] and their
+        histogram -> ([B, Hkv, N] int32, sentinel elsewhere; [B, Hkv, bins] int32)."""
         if self.scoring == "hamming":
-            return pallas_kernels.hamming_scores(
-                query, codes, lengths, implementation=self.implementation
+            return pallas_kernels.hamming_histogram(
+                query, codes, lo, hi, implementation=self.implementation
             )
         scores = pallas_kernels.asymmetric_scores(
-            query, codes, lengths, implementation=self.implementation
-        )
-        # Integer keys let the top-C take one radix pass instead of three over float bit
-        # patterns (3x faster on CPU); only the candidate set matters, and steps this fine
-        # only tie scores at its margin (ties go to the older token).
-        quantized = jnp.round(scores * ASYMMETRIC_STEPS).astype(jnp.int32)
-        return jnp.where(jnp.isfinite(scores), quantized, pallas_kernels.HAMMING_SENTINEL)
+            query, codes, hi, implementation=self.implementation
+        )  # [B, Hkv, N], -inf at slots >= hi
+        top = self.hasher.config.max_distance
+        distance = jnp.round((top - scores) * (ASYMMETRIC_STEPS / 2)).astype(jnp.int32)
+        slots = jnp.arange(codes.shape[2])
+        selectable = (slots >= lo[:, None]) & (slots < hi[:, None])
+        distance = jnp.where(selectable[:, None], distance, DISTANCE_SENTINEL)
+        return distance, pallas_kernels.distance_histogram(distance, self.bins)
 
-    def select(self, cache, layer, q, pos, lo, hi):
-        scores = exclude_below(
-            self.coarse_scores(cache, layer, q, hi), jnp.arange(cache.max_len), lo
-        )
-        n_candidates = min(self.candidates, scores.shape[-1])  # a short cache has fewer slots
-        _, candidates = pallas_kernels.select_topk(scores, n_candidates)  # [B, Hkv, C]
-        keys = gather_rows(cache.k[layer], candidates)  # [B, Hkv, C, D]
-        logits = jnp.einsum("bhgd,bhcd->bhgc", q, keys, preferred_element_type=jnp.float32)
-        return self.fine_cut(candidates, logits * q.shape[-1] ** -0.5, lo, hi)
+    def calibrate(self, layer, distance, hist, total, k1, prior, first, offset=0):
+        """Consensus and momentum discounts -> calibrated (distance, histogram).
 
-    def fine_cut(self, candidates: Array, logits: Array, lo: Array, hi: Array):
-        """Fine ranking of the coarse candidates [B, Hkv, C] (best first) by their exact scaled
-        logits [B, Hkv, G, C]: the group's softmax mass among them, cut adaptively.
-
-        Returns (indices, valid) [B, Hkv, min(selected, C)]; indices are 0 where not valid.
+        distance [B, Hkv, n] and hist: this cache's own slots (a shard's, when sharded: `offset`
+        is the global position of its slot 0); total: the histogram over every slot; k1 [B]:
+        tier-1 sizes; prior: (global slots, weights) [B, M] of the previous DASH-KV layer,
+        ignored where `first` (no DASH-KV layer before this one in the step).
         """
-        real = (candidates >= lo[:, None, None]) & (candidates < hi[:, None, None])
-        logits = jnp.where(real[:, :, None, :], logits, -jnp.inf)
-        mass = jnp.nan_to_num(jax.nn.softmax(logits, axis=-1)).sum(axis=2)  # [B, Hkv, C]
-        k_max = min(self.selected, candidates.shape[-1])
-        top_mass, order = jax.lax.top_k(mass, k_max)  # [B, Hkv, k_max]
+        b, hkv, n = distance.shape
+        consensus, momentum = self.hasher.discounts(layer)
+        scale = self.distance_scale
+        discount = jnp.zeros((b, n), jnp.int32)
+        if self.consensus and hkv >= self.hasher.config.t_vote:
+            threshold, _ = pallas_kernels.rank_threshold(total, k1[:, None])
+            votes = (distance <= threshold[..., None]).sum(axis=1)  # [B, n]: ties count
+            agreed = votes >= self.hasher.config.t_vote
+            discount += jnp.where(agreed, jnp.round(consensus * scale).astype(jnp.int32), 0)
+        if self.momentum:
+            slots, weights = prior
+            weights = jnp.where(first, 0.0, weights)
+            local = slots - offset
+            local = jnp.where((slots >= 0) & (local >= 0) & (local < n), local, n)  # n: dropped
+            rows = jnp.arange(b)[:, None]
+            attention = jnp.zeros((b, n), jnp.float32).at[rows, local].add(weights, mode="drop")
+            discount += jnp.round(momentum * scale * attention).astype(jnp.int32)
+        if not (self.consensus or self.momentum):
+            return distance, hist
+        selectable = distance != DISTANCE_SENTINEL
+        calibrated = jnp.clip(distance - discount[:, None], 0, self.bins - 1)
+        calibrated = jnp.where(selectable, calibrated, DISTANCE_SENTINEL)
+        return calibrated, pallas_kernels.distance_histogram(calibrated, self.bins)
 
-        keep = adaptive_cut(top_mass, mass.sum(-1, keepdims=True), self.tau, self.k_min)
-        indices = jnp.take_along_axis(candidates, order, axis=-1)
-        valid = keep & jnp.take_along_axis(real, order, axis=-1)
-        return jnp.where(valid, indices, 0).astype(jnp.int32), valid
+    def tiers(self, cache, layer, q, pos, prior, *, offset=0, combine=None, before=None):
+        """Tier 1 and tier 2 of queries q [B, Hkv, G, D] at pos [B] among the slots this cache
+        holds -> (tier1 [B, Hkv, selected], tier2 [B, Hkv, tier2]) global slots padded with -1,
+        and the encoded query.
+
+        Sharded (attention/sharded.py), `offset` is the shard's first global slot, `combine`
+        sums a histogram over the shards and `before` sums a count over the shards before this
+        one: the shards then pick exactly the slots one cache would."""
+        combine = combine or (lambda x: x)
+        lo, hi = middle_bounds(pos, self.sinks, self.window)
+        middle = jnp.maximum(hi - lo, 0)
+        k1 = jnp.minimum(self.selected, middle)[:, None]  # [B, 1]
+        k2 = jnp.minimum(self.tier2, middle[:, None] - k1)
+        n = cache.codes.shape[3]
+        query = self.encode_query(q, layer)
+        distance, hist = self.distances(
+            cache.codes[layer], query, jnp.clip(lo - offset, 0, n), jnp.clip(hi - offset, 0, n)
+        )
+        first = layer == self.dense_first  # no DASH-KV layer before it in this step
+        distance, hist = self.calibrate(
+            layer, distance, hist, combine(hist), k1[:, 0], prior, first, offset
+        )
+        total = combine(hist)
+
+        def local(rank):  # (T, ties) over every slot -> over this cache's own
+            threshold, ties = rank
+            at = jnp.take_along_axis(hist, jnp.maximum(threshold, 0)[..., None], -1)[..., 0]
+            earlier = 0 if before is None else before(at)
+            ties = jnp.clip(ties - earlier, 0, at)
+            return threshold, jnp.where(threshold >= 0, ties, 0)
+
+        heads = q.shape[:2]
+        none = (jnp.full(heads, -1, jnp.int32), jnp.zeros(heads, jnp.int32))
+        t1 = local(pallas_kernels.rank_threshold(total, k1))
+        tier1, _ = pallas_kernels.select_ranks(
+            distance, none, t1, self.selected, implementation=self.implementation
+        )
+        tier2 = jnp.full((*heads, 0), -1, jnp.int32)
+        if self.tier2:
+            t2 = local(pallas_kernels.rank_threshold(total, k1 + k2))
+            tier2, _ = pallas_kernels.select_ranks(
+                distance, t1, t2, self.tier2, implementation=self.implementation
+            )
+
+        def to_global(slots):
+            return jnp.where(slots >= 0, slots + offset, -1)
+
+        return to_global(tier1), to_global(tier2), query
+
+    # -- attention over the tiers ------------------------------------------------------------
+
+    def tier_logits(self, cache, layer, q, query, pos, tier1, tier2, *, offset=0, reduce=None):
+        """Logits of the critical tokens this cache holds, for q [B, Hkv, G, D] at pos [B]:
+        sinks, window and tier 1 (global slots [B, Hkv, selected]) exact, tier 2 approximate,
+        anchored on sums that `reduce` adds over the shards (when sharded).
+
+        Returns (slots [B, Hkv, M] global, -1 where not held here; local [B, Hkv, M] slots of
+        this cache, -1 likewise; logits [B, Hkv, G, M] (-inf there); exact [B, Hkv] tokens
+        read exactly); the first S + R + selected entries are the exact ones.
+        """
+        b, hkv, g, d = q.shape
+        n = cache.k.shape[3]
+        _, hi = middle_bounds(pos, self.sinks, self.window)
+        fixed, fixed_ok = fixed_slots(pos, hi, self.sinks, self.window)  # [B, S + R]
+        per_head = (b, hkv, fixed.shape[1])
+        slots = jnp.concatenate([jnp.broadcast_to(fixed[:, None], per_head), tier1], axis=2)
+        ok = jnp.concatenate([jnp.broadcast_to(fixed_ok[:, None], per_head), tier1 >= 0], 2)
+        ok &= (slots >= offset) & (slots < offset + n)  # held here
+        local = jnp.where(ok, slots - offset, -1)  # [B, Hkv, E]
+        logits = pallas_kernels.gathered_logits(  # [B, Hkv, G, E], -inf where not ok
+            q, cache.k, local, scale=d**-0.5, layer=layer, implementation=self.implementation
+        )
+        exact = ok.sum(-1)
+        if self.tier2:
+            tier2_ok = (tier2 >= offset) & (tier2 < offset + n)
+            tier2_local = jnp.where(tier2_ok, tier2 - offset, -1)
+            approx = self.approx_logits(cache, layer, query, tier2_local)  # [B, Hkv, G, K2]
+            # Anchors: the exact tokens but the sinks (whose keys are outliers).
+            anchor_ok = ok.at[:, :, : self.sinks].set(False)
+            sums = anchor_sums(self.approx_logits(cache, layer, query, local), logits, anchor_ok)
+            sums = sums if reduce is None else reduce(sums)
+            approx = apply_anchor(approx, sums, fit_slope=self.fit_slope)
+            logits = jnp.concatenate([logits, jnp.where(tier2_ok[:, :, None], approx, -jnp.inf)], 3)
+            slots = jnp.concatenate([slots, tier2], axis=2)
+            ok = jnp.concatenate([ok, tier2_ok], axis=2)
+            local = jnp.concatenate([local, tier2_local], axis=2)
+        return jnp.where(ok, slots, -1), local, logits, exact
+
+    def critical_logits(self, cache, layer, q, pos, state):
+        """The three tiers' slots [B, Hkv, M] and logits [B, Hkv, G, M] for q [B, Hkv, G, D]
+        at pos [B], given the previous DASH-KV layer's prior `state` (see the base class)."""
+        tier1, tier2, query = self.tiers(cache, layer, q, pos, state)
+        slots, _, logits, exact = self.tier_logits(cache, layer, q, query, pos, tier1, tier2)
+        used = (slots >= 0).sum(-1)
+        return slots, logits, jnp.stack([exact, used - exact], axis=-1).astype(jnp.float32)
+
+    def next_state(self, slots: Array, weights: Array, state):
+        """The momentum prior for the next layer: this layer's attended slots [B, Hkv, M] and
+        its attention on them, mean over all its query heads (weights [B, Hkv, G, M])."""
+        b, hkv, g, _ = weights.shape
+        return slots.reshape(b, -1), (weights.sum(axis=2) / (hkv * g)).reshape(b, -1)
+
+    @property
+    def fit_slope(self) -> bool:
+        """SimHash has no learned logit scale: each step fits one (see `anchor`)."""
+        return self.hasher.config.kind == "simhash"
+
+    def approx_logits(self, cache, layer, query: Array, slots: Array) -> Array:
+        """Tier-2 logits of the codes at slots [B, Hkv, K] for the encoded query [B, Hkv, G, W],
+        before anchoring -> [B, Hkv, G, K]."""
+        c = self.hasher.config
+        codes = gather_rows(cache.codes, layer, jnp.maximum(slots, 0))  # [B, Hkv, K, W]
+        q_codes = query if self.scoring == "hamming" else pallas_kernels.pack_bits(query)
+        pair = (q_codes[:, :, :, None, :], codes[:, :, None, :, :])  # [B, Hkv, G, K, W]
+        similarity = 1.0 - 2.0 * popcount(pair[0] ^ pair[1]).sum(-1) / c.bits  # [B, Hkv, G, K]
+        agreement = group_agreement(*pair, c.residual_groups)  # [B, Hkv, G, K, groups]
+        if not self.residual:
+            agreement = jnp.full_like(agreement, 0.5)  # the residual of "no information"
+        b, hkv, g, k = similarity.shape
+        logits = self.hasher.approx_logits(
+            similarity.reshape(b, hkv * g, k), agreement.reshape(b, hkv * g, k, -1), layer
+        )
+        return logits.reshape(b, hkv, g, k)
 
 
-def exclude_below(scores: Array, slots: Array, lo: Array) -> Array:
-    """Coarse scores [B, Hkv, N] of slots [N] (cache positions) below lo [B] set to the sentinel,
-    so the sinks are never candidates."""
-    below = (slots[None, :] < lo[:, None])[:, None, :]
-    return jnp.where(below, pallas_kernels.HAMMING_SENTINEL, scores)
+def anchor_sums(at_anchors: Array, exact: Array, ok: Array) -> dict:
+    """What anchoring needs from the anchors, as sums shards can add: at_anchors and exact
+    [..., G, E] the approximate and exact logits of tokens read exactly, ok [..., E]."""
+    ok = jnp.broadcast_to(ok[..., None, :], exact.shape)
+    x, y = jnp.where(ok, at_anchors, 0.0), jnp.where(ok, exact, 0.0)
+    return {
+        "n": ok.sum(-1),
+        "x": x.sum(-1),
+        "y": y.sum(-1),
+        "xy": (x * y).sum(-1),
+        "xx": (x * x).sum(-1),
+    }
+
+
+def apply_anchor(approx: Array, sums: dict, *, fit_slope: bool) -> Array:
+    """Approximate logits [..., G, K] on the exact logits' scale, per query head: plus the mean
+    gap exact - approximate over the anchors; with `fit_slope`, the least-squares line
+    exact ~ a approx + c instead (a >= 0: similarity never lowers a logit)."""
+    n = jnp.maximum(sums["n"], 1)[..., None]
+    mean_x, mean_y = sums["x"][..., None] / n, sums["y"][..., None] / n
+    if not fit_slope:
+        return approx + (mean_y - mean_x)
+    covariance = sums["xy"][..., None] / n - mean_x * mean_y
+    variance = sums["xx"][..., None] / n - mean_x * mean_x
+    slope = jnp.maximum(covariance / jnp.maximum(variance, 1e-6), 0.0)
+    return mean_y + slope * (approx - mean_x)

@@ -24,17 +24,19 @@ BUDGETED = {
 # Hashed selection, by the hasher kind each needs.
 HASHED = {"simhash": "simhash", "dashkv-symmetric": "symmetric", "dashkv": "asymmetric"}
 METHODS = ("full", *BUDGETED, *HASHED)
-DEFAULT_CANDIDATES = "1/8"
+# Tier 2 of the hashed methods: approximate tokens per KV head and step, a fraction of the
+# context or a count ("0": off).
+DEFAULT_TIER2 = "1/16"
 
 
-def parse_budget(text: str, context: int) -> int:
-    """'1/32' (a fraction of the context) or '256' (tokens) -> tokens attended per KV head."""
+def parse_budget(text: str, context: int, *, allow_zero: bool = False) -> int:
+    """'1/32' (a fraction of the context) or '256' (tokens) -> tokens per KV head and step."""
     try:
         value = Fraction(text)
     except (ValueError, ZeroDivisionError):
         message = f"budget {text!r} is neither a fraction like 1/32 nor a token count"
         raise DashKVError(message) from None
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise DashKVError(f"budget must be positive, got {text!r}")
     tokens = math.ceil(value * context) if value < 1 or "/" in text else int(value)
     if tokens > context:
@@ -48,14 +50,18 @@ def make_attention(
     model=None,
     *,
     hasher: Hasher | str | Path | None = None,
-    candidates: int | None = None,
+    tier2: int = 0,
+    **options,
 ) -> Attention:
-    """The attention backend called `method`, keeping `budget` tokens per KV head and step.
+    """The attention backend called `method`, keeping `budget` tokens per KV head and step
+    exactly (sinks + window + what it selects).
 
     Hashed methods need `model` (a `Llama`) and take `hasher` (a `Hasher` or an artifact path;
     `dashkv` and `dashkv-symmetric` default to the hashers shipped for the bundled model;
-    `simhash` builds random projections with the same bits) and `candidates`, the coarse
-    filter's output size.
+    `simhash` builds random projections with the same bits), `tier2` approximate tokens, and
+    `options` of `HashedAttention` (consensus, momentum, residual, scoring, dense_first,
+    dense_last). Their sandwich defaults to the hasher's; every other budget method takes the
+    same dense layers as the shipped hasher unless `options` say otherwise.
     """
     if method == "full":
         return FullAttention()
@@ -70,29 +76,42 @@ def make_attention(
             "window tokens every method keeps"
         )
     if method in BUDGETED:
-        return BUDGETED[method](budget=budget)
+        known = {"dense_first", "dense_last"}
+        if unknown := set(options) - known:
+            raise DashKVError(f"--attention {method} takes no {', '.join(sorted(unknown))}")
+        return BUDGETED[method](budget=budget, **options)
     hasher = method_hasher(method, model, hasher)
-    selected = budget - floor
-    return HashedAttention(
-        budget=budget,
-        hasher=hasher,
-        candidates=max(candidates or 0, selected),
-        scoring=hasher.config.scoring,
-    )
+    c = hasher.config
+    options = {"dense_first": c.dense_first, "dense_last": c.dense_last, **options}
+    options.setdefault("scoring", c.scoring)
+    try:
+        return HashedAttention(budget=budget, hasher=hasher, tier2=tier2, **options)
+    except (TypeError, ValueError) as err:
+        raise DashKVError(f"--attention {method}: {err}") from None
 
 
 def method_hasher(method: str, model, hasher) -> Hasher:
     """The hasher hashed `method` runs with: `hasher` (a `Hasher` or an artifact path, checked
-    against `model`), else the one shipped for the bundled model (random projections for
-    `simhash`)."""
-    from dashkv_jax.hashing.artifact import DEFAULT_HASHER, DEFAULT_SYMMETRIC_HASHER, load_hasher
+    against `model`), else the one shipped for the bundled model. `simhash` builds random
+    projections with the bits, tiers and sandwich of `hasher` (an asymmetric one), of the
+    shipped one for the bundled model, or the defaults for another model."""
+    from dashkv_jax.hashing.artifact import (
+        DEFAULT_HASHER,
+        DEFAULT_SYMMETRIC_HASHER,
+        load_hasher,
+        shipped_for,
+    )
 
     if model is None:
         raise DashKVError(f"--attention {method} needs the model its hasher must fit")
     kind = HASHED[method]
-    if kind == "simhash" and not isinstance(hasher, Hasher):
-        bits = load_hasher(hasher, model).config.bits if hasher else 128
-        return simhash(HasherConfig.for_model(model.config, bits=bits))
+    if kind == "simhash" and not (isinstance(hasher, Hasher) and hasher.config.kind == kind):
+        if hasher is None and shipped_for(model):
+            hasher = DEFAULT_HASHER
+        if hasher is None:
+            return simhash(HasherConfig.for_model(model.config))
+        reference = hasher if isinstance(hasher, Hasher) else load_hasher(hasher, model)
+        return simhash(reference.config)
     if hasher is None:  # the ones shipped for the bundled model; load_hasher checks the fit
         hasher = DEFAULT_HASHER if kind == "asymmetric" else DEFAULT_SYMMETRIC_HASHER
     if not isinstance(hasher, Hasher):
@@ -102,3 +121,46 @@ def method_hasher(method: str, model, hasher) -> Hasher:
             f"--attention {method} needs a {kind} hasher, got a {hasher.config.kind} one"
         )
     return hasher
+
+
+def make_methods(
+    model,
+    names,
+    context: int,
+    budget: str | None = "1/32",
+    tier2: str | None = None,
+    hasher=None,
+    symmetric=None,
+    options: dict | None = None,
+) -> dict:
+    """{name: backend} for method names compared side by side on a `context`-token text, at an
+    exact `budget` and `tier2` approximate tokens (fractions of `context` or counts; tier 2
+    defaults to the dashkv hasher's). SimHash gets the dashkv hasher's bits, tiers and
+    sandwich; `options` go to every budget method that takes them (dense layers to all, the
+    rest to hashed ones). `budget` may be None when every name is "full".
+    """
+    from dashkv_jax.hashing.encoders import simhash
+
+    options = options or {}
+    hashers, approx = {}, 0
+    if any(name in HASHED for name in names):
+        reference = method_hasher("dashkv", model, hasher)
+        fraction = reference.config.tier2 if tier2 is None else str(tier2)
+        approx = parse_budget(fraction, context, allow_zero=True)
+        hashers = {
+            "dashkv": reference,
+            "dashkv-symmetric": symmetric,
+            "simhash": simhash(reference.config),
+        }
+    methods = {}
+    for name in names:
+        if name == "full":
+            methods[name] = FullAttention()
+            continue
+        if budget is None:
+            raise DashKVError(f"--attention {name} needs a --budget")
+        kwargs = {k: v for k, v in options.items() if k.startswith("dense")}
+        if name in hashers:
+            kwargs = {"hasher": hashers[name], "tier2": approx, **options}
+        methods[name] = make_attention(name, parse_budget(str(budget), context), model, **kwargs)
+    return methods

@@ -9,16 +9,18 @@ runs its per-layer attention inside `jax.shard_map`, each device on its own slot
             prompt queries to its own keys (causally);
   decode    the device owning position `lengths` writes the new token's K, V and code. Full
             attention: every device attends to its own visible slots. DASH-KV: every device
-            scores its own codes with `pallas_kernels` and keeps its local top-C; the [B, Hkv, C]
-            score and slot lists are all-gathered and merged into the exact global top-C; the
-            devices holding those C keys compute their exact q.k (psum), which every device cuts
-            as `HashedAttention.fine_cut` does; every device then attends to the critical tokens
-            (sinks + window + cut) that it holds.
+            computes the distances and the histogram of its own codes (`pallas_kernels`); the
+            histograms are summed over "seq" ([B, Hkv, G b + 1] each, tiny), so every device
+            knows the global tier thresholds, and an exclusive prefix sum of its tie counts
+            tells it which of its tokens at a threshold the older devices' tokens leave in; it
+            then lists its own tier-1 and tier-2 tokens (the momentum prior of a device stays
+            on the device, its slots being its own), attends to them, and the tier-2 anchors'
+            sums are summed over "seq".
 
 Each device returns an unnormalised partial output with its softmax maximum and denominator,
 and `merge_over_seq` combines them by log-sum-exp (pmax, then psum of the rescaled parts). Only
-candidate lists, their [B, Hq, C] logits and [B, Hq, D] partials cross devices: no device reads
-another's cache.
+histograms, counts and [B, Hq, D] partials cross devices: no device reads another's cache, and
+the selection equals one device's exactly.
 
 The weights split over "seq" too (`shard_model`: tensor-parallel projections, MLP and
 vocabulary), so no device holds or runs the whole model; XLA partitions those matmuls itself.
@@ -40,8 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from dashkv_jax.attention.full import FullAttention, backend
-from dashkv_jax.attention.hashed import HashedAttention, exclude_below
-from dashkv_jax.attention.sparse import gather_rows, middle_bounds
+from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.loaders import DEFAULT_MODEL
 
@@ -55,7 +56,11 @@ CACHE_SPECS = {
     "v": P(None, BATCH, None, SEQ, None),
     "codes": P(None, BATCH, None, SEQ, None),  # [layers, batch, kv_heads, max_len, words]
     "lengths": P(BATCH),  # [batch]
-    "attended": P(None, BATCH, None),  # [layers, batch, kv_heads]
+    "usage": P(None, BATCH, None, None),  # [layers, batch, kv_heads, 2]
+    # DASH-KV's momentum prior: each device's own tokens, so the "seq" devices' lists side by
+    # side along the last axis.
+    "prior_slots": P(BATCH, None, SEQ),  # [batch, 1, seq * M]
+    "prior_weights": P(BATCH, None, SEQ),
 }
 # Weights split over "seq" along a feature axis (tensor parallel); the rest is replicated.
 WEIGHT_SPECS = {
@@ -83,7 +88,7 @@ class DecodeConfig:
     model: str = DEFAULT_MODEL
     attention: str = "dashkv"  # a method of dashkv_jax.attention.methods: "full" or a hashed one
     budget: str = "1/32"  # tokens attended per KV head and step, of the context or absolute
-    candidates: str = "1/8"  # the coarse filter's output C
+    tier2: str | None = None  # DASH-KV's approximate tokens; None: the hasher's
     hasher: str | None = None  # an artifact folder; None: the one shipped for the model
     mesh: str = "seq=8,batch=1"
     context: int = 4096  # prompt tokens of real text
@@ -177,26 +182,34 @@ def partial_attention(q: Array, keys: Array, values: Array, visible: Array):
     """One device's share of softmax attention, to be merged across devices by log-sum-exp.
 
     q [B, Hkv, G, T, D]; keys, values [B, Hkv, K, D]; visible bool, broadcastable to
-    [B, Hkv, G, T, K]. Returns (out [B, Hkv, G, T, D] float32 = sum_k p_k v_k, peak, total
-    [B, Hkv, G, T]) with p_k = exp(logit_k - peak), peak the largest visible logit (-inf where
-    none is visible) and total = sum_k p_k.
+    [B, Hkv, G, T, K]. Returns `partial_softmax` of the scaled logits.
     """
     logits = jnp.einsum("bhgtd,bhkd->bhgtk", q, keys, preferred_element_type=jnp.float32)
-    logits = jnp.where(visible, logits * q.shape[-1] ** -0.5, -jnp.inf)
+    return partial_softmax(jnp.where(visible, logits * q.shape[-1] ** -0.5, -jnp.inf), values)
+
+
+def partial_softmax(logits: Array, values: Array):
+    """logits [B, Hkv, G, T, K] (-inf where hidden), values [B, Hkv, K, D] -> (out [B, Hkv,
+    G, T, D] float32 = sum_k p_k v_k, peak, total [B, Hkv, G, T], p [B, Hkv, G, T, K]) with
+    p_k = exp(logit_k - peak), peak the largest logit (-inf where none is visible) and total =
+    sum_k p_k."""
     peak = logits.max(axis=-1)
     p = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)[..., None])  # 0 where hidden
     out = jnp.einsum(
         "bhgtk,bhkd->bhgtd", p.astype(values.dtype), values, preferred_element_type=jnp.float32
     )
-    return out, peak, p.sum(axis=-1)
+    return out, peak, p.sum(axis=-1), p
 
 
-def merge_over_seq(out: Array, peak: Array, total: Array) -> Array:
-    """Combine every "seq" device's `partial_attention` into the exact softmax output."""
+def merge_over_seq(out: Array, peak: Array, total: Array, p: Array | None = None):
+    """Combine every "seq" device's `partial_softmax` into the exact softmax output; with `p`,
+    also this device's tokens' share of the softmax ([B, Hkv, G, T, K]) -> (out, weights)."""
     top = lax.pmax(peak, SEQ)
     scale = jnp.exp(peak - top)  # 0 for a device that saw nothing (peak -inf)
     out = lax.psum(out * scale[..., None], SEQ)
-    return out / lax.psum(total * scale, SEQ)[..., None]
+    denominator = lax.psum(total * scale, SEQ)[..., None]
+    weights = None if p is None else p * (scale[..., None] / denominator)
+    return out / denominator, weights
 
 
 @backend
@@ -256,9 +269,17 @@ class ShardedAttention:
 
     def init_cache(self, config, batch, max_len, dtype=jnp.float32):
         self.slots_per_device(batch, max_len)
+        seq = self.mesh.shape[SEQ]
 
         def create():
-            return self.inner.init_cache(config, batch, max_len, dtype)
+            cache = self.inner.init_cache(config, batch, max_len, dtype)
+            if self.hashed:  # every device keeps the prior of its own tokens
+                tile = (1, 1, seq)
+                cache = cache.replace(
+                    prior_slots=jnp.tile(cache.prior_slots, tile),
+                    prior_weights=jnp.tile(cache.prior_weights, tile),
+                )
+            return cache
 
         # Created in place on the mesh: no device ever holds the whole (empty) cache.
         return jax.jit(create, out_shardings=self.shardings(jax.eval_shape(create)))()
@@ -300,7 +321,7 @@ class ShardedAttention:
             )
         qg = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)  # [b, Hkv, G, T, D]
         causal = offset + jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]  # [T, s]
-        out = merge_over_seq(*partial_attention(qg, cache.k[layer], cache.v[layer], causal))
+        out, _ = merge_over_seq(*partial_attention(qg, cache.k[layer], cache.v[layer], causal)[:3])
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype), cache
 
     # -- decode ----------------------------------------------------------------------------
@@ -308,12 +329,7 @@ class ShardedAttention:
     def decode(self, cache, layer, q, k, v):
         b, _, hq, d = q.shape
         qg = q.reshape(b, k.shape[2], hq // k.shape[2], d)  # [B, Hkv, G, D]
-        extra = ()
-        if self.hashed:  # the new key's code [B, Hkv, W] and the encoded query
-            extra = (
-                self.inner.hasher.encode_keys(k[:, 0], layer),
-                self.inner.encode_query(qg, layer),
-            )
+        extra = (self.inner.hasher.encode_keys(k[:, 0], layer),) if self.hashed else ()
         rows = P(BATCH)
         specs = cache_specs(cache)
         out, cache = jax.shard_map(
@@ -325,8 +341,8 @@ class ShardedAttention:
         )(cache, layer, qg, k, v, *extra)
         return out.reshape(b, 1, hq, d).astype(q.dtype), cache
 
-    def _decode_shard(self, cache, layer, q, k, v, *extra):
-        """On one device: q [b, Hkv, G, D], k/v [b, 1, Hkv, D]; extra: code, encoded query."""
+    def _decode_shard(self, cache, layer, q, k, v, *code):
+        """On one device: q [b, Hkv, G, D], k/v [b, 1, Hkv, D]; code: the new key's [b, Hkv, W]."""
         s = cache.k.shape[3]
         offset = lax.axis_index(SEQ) * s
         pos = cache.lengths  # [b] the new token's position
@@ -338,19 +354,39 @@ class ShardedAttention:
             v=cache.v.at[layer, rows, :, slot].set(v[:, 0].astype(cache.v.dtype), mode="drop"),
         )
         if not self.hashed:
-            return merge_over_seq(*self._attend_own(cache, layer, q, offset)), cache
-        code, query = extra
-        cache = cache.replace(codes=cache.codes.at[layer, rows, :, slot].set(code, mode="drop"))
-        everything = jnp.broadcast_to(pos[:, None] + 1, q.shape[:2]).astype(jnp.int32)
-        partials, attended = lax.cond(
-            layer < self.inner.dense_layers,
-            lambda: (self._attend_own(cache, layer, q, offset), everything),
-            lambda: self._attend_critical(cache, layer, q, query, offset),
+            return merge_over_seq(*self._attend_own(cache, layer, q, offset)[:3])[0][
+                :, :, :, 0
+            ], cache
+        cache = cache.replace(codes=cache.codes.at[layer, rows, :, slot].set(code[0], mode="drop"))
+        inner = self.inner
+        b, hkv, g, _ = q.shape
+        prior = (cache.prior_slots[:, 0], cache.prior_weights[:, 0])  # this device's tokens
+        m = prior[0].shape[-1] // hkv  # tokens per KV head in a prior
+
+        def dense():
+            out, peak, total, _ = self._attend_own(cache, layer, q, offset)
+            everything = jnp.zeros((b, hkv, 2)).at[..., 0].set(pos[:, None] + 1.0)
+            unused = (jnp.zeros((b, hkv, g, 1, m)), jnp.full((b, hkv, m), -1, jnp.int32))
+            return (out, peak, total, *unused), everything
+
+        def sparse():
+            return self._attend_tiers(cache, layer, q, pos, prior, offset)
+
+        (out, peak, total, p, slots), usage = lax.cond(
+            inner.is_dense(layer, cache.k.shape[0]), dense, sparse
         )
-        out = merge_over_seq(*partials)
-        return out, cache.replace(
-            attended=cache.attended.at[layer].set(attended.astype(jnp.float32))
+        out, weights = merge_over_seq(out, peak, total, p)
+        # The next layer's prior: this layer's attention on this device's tokens, mean over
+        # every query head of the layer (a dense layer leaves the prior as it was).
+        new_prior = (slots.reshape(b, -1), (weights[:, :, :, 0].sum(2) / (hkv * g)).reshape(b, -1))
+        dense_layer = inner.is_dense(layer, cache.k.shape[0])
+        prior = jax.tree.map(lambda old, new: jnp.where(dense_layer, old, new), prior, new_prior)
+        cache = cache.replace(
+            usage=cache.usage.at[layer].set(usage),
+            prior_slots=prior[0][:, None],
+            prior_weights=prior[1][:, None],
         )
+        return out[:, :, :, 0], cache
 
     def _attend_own(self, cache, layer, q, offset):
         """Partials of q [b, Hkv, G, D] over every visible slot this device holds."""
@@ -360,63 +396,75 @@ class ShardedAttention:
             q[:, :, :, None], cache.k[layer], cache.v[layer], visible[:, None, None, None, :]
         )
 
-    def _attend_critical(self, cache, layer, q, query, offset):
-        """Partials of q over the critical tokens this device holds, and the critical set's size
-        per KV head [b, Hkv] (the same on every device)."""
-        s = cache.k.shape[3]
-        pos = cache.lengths
-        _, hi = middle_bounds(pos, self.inner.sinks, self.inner.window)
-        middle, middle_ok = self._merged_selection(cache, layer, q, query, pos, offset)
-        indices, ok = self.inner.critical_set(middle, middle_ok, pos, hi)  # global slots
-        mine = ok & (indices >= offset) & (indices < offset + s)  # [b, Hkv, budget]
-        local = jnp.where(mine, indices - offset, 0)
-        keys = gather_rows(cache.k[layer], local)  # [b, Hkv, budget, D]
-        values = gather_rows(cache.v[layer], local)
-        partials = partial_attention(q[:, :, :, None], keys, values, mine[:, :, None, None, :])
-        return partials, ok.sum(-1, dtype=jnp.int32)
-
-    def _merged_selection(self, cache, layer, q, query, pos, offset):
-        """DASH-KV's selection for q [b, Hkv, G, D] at pos [b], from every device's local top-C.
-
-        Returns (indices, valid) [b, Hkv, k_max] of global slots, equal to what
-        `HashedAttention.select` picks from the whole cache.
-        """
+    def _attend_tiers(self, cache, layer, q, pos, prior, offset):
+        """Partials of q [b, Hkv, G, D] over the tier-1 and tier-2 tokens this device holds
+        (those one device would pick), this device's slots of them [b, Hkv, M] (-1 where
+        unused) and the usage over every device [b, Hkv, 2]."""
         inner = self.inner
-        s = cache.codes.shape[3]
-        lo, hi = middle_bounds(pos, inner.sinks, inner.window)
-        # Slots at or past hi (the window, unwritten slots) score the sentinel, as do the sinks.
-        scores = inner.score_codes(query, cache.codes[layer], jnp.clip(hi - offset, 0, s))
-        scores = exclude_below(scores, offset + jnp.arange(s), lo)  # [b, Hkv, s]
-        values, local = pallas_kernels.select_topk(scores, min(inner.candidates, s))
-        # Devices' lists in device order, each best first: equal scores keep the lower slot
-        # first, as one device's top-C does.
-        values = lax.all_gather(values, SEQ, axis=2, tiled=True)  # [b, Hkv, n * c]
-        slots = lax.all_gather(local + offset, SEQ, axis=2, tiled=True)
-        n_candidates = min(inner.candidates, s * self.mesh.shape[SEQ])
-        _, order = pallas_kernels.select_topk(values, n_candidates)  # [b, Hkv, C]
-        candidates = jnp.take_along_axis(slots, order, axis=-1)  # the global top-C
-        # Exact q.k on the device that holds each candidate's key; the psum adds one non-zero
-        # term per candidate, so every device gets the logits exactly.
-        held = (candidates >= offset) & (candidates < offset + s)
-        keys = gather_rows(cache.k[layer], jnp.where(held, candidates - offset, 0))
-        logits = jnp.einsum("bhgd,bhcd->bhgc", q, keys, preferred_element_type=jnp.float32)
-        logits = logits * q.shape[-1] ** -0.5
-        logits = lax.psum(jnp.where(held[:, :, None, :], logits, 0.0), SEQ)  # [b, Hkv, G, C]
-        return inner.fine_cut(candidates, logits, lo, hi)
+
+        def psum(x):
+            return lax.psum(x, SEQ)
+
+        def before(count):  # the sum of `count` over the "seq" devices before this one
+            counts = lax.all_gather(count, SEQ)  # [n, ...]
+            earlier = jnp.arange(counts.shape[0]) < lax.axis_index(SEQ)
+            return jnp.sum(jnp.where(earlier.reshape(-1, *(1,) * count.ndim), counts, 0), 0)
+
+        tier1, tier2, query = inner.tiers(
+            cache, layer, q, pos, prior, offset=offset, combine=psum, before=before
+        )
+        slots, local, logits, exact = inner.tier_logits(
+            cache, layer, q, query, pos, tier1, tier2, offset=offset,
+            reduce=lambda sums: jax.tree.map(psum, sums),
+        )  # fmt: skip
+        out, lse = pallas_kernels.gathered_attention(logits, cache.v, local, layer=layer)
+        # This device's share as partial_softmax gives it, its own softmax's log-sum-exp as
+        # the peak: weights exp(logit - lse) that sum to 1 (0 where it holds none).
+        seen = jnp.isfinite(lse)
+        p = jnp.where(seen[..., None], jnp.exp(logits - jnp.where(seen, lse, 0.0)[..., None]), 0)
+        partial = (out[:, :, :, None], lse[..., None], seen.astype(jnp.float32)[..., None])
+        used = (slots >= 0).sum(-1)
+        usage = psum(jnp.stack([exact, used - exact], axis=-1).astype(jnp.float32))
+        return (*partial, p[:, :, :, None], slots), usage
 
     def select(self, cache, layer, q, pos):
-        """The merged DASH-KV selection for queries q [B, Hkv, G, D] at positions pos [B]
-        (slots <= pos written), as `HashedAttention.select` -> (indices, valid) [B, Hkv, k_max]."""
+        """The tiers of DASH-KV for queries q [B, Hkv, G, D] at positions pos [B] (slots <= pos
+        written), from every device's share, as `HashedAttention.tiers` picks them on one
+        device -> (tier1 [B, Hkv, selected], tier2 [B, Hkv, tier2]) of global slots in slot
+        order, -1 padded."""
         rows = P(BATCH)
+        b, hkv = q.shape[:2]
+        m = self.inner.prior_size
+        prior = (jnp.full((b, m), -1, jnp.int32), jnp.zeros((b, m), jnp.float32))
 
-        def run(cache, layer, q, query, pos):
+        def run(cache, layer, q, pos):
             offset = lax.axis_index(SEQ) * cache.k.shape[3]
-            return self._merged_selection(cache, layer, q, query, pos, offset)
 
-        return jax.shard_map(
+            def before(count):
+                counts = lax.all_gather(count, SEQ)
+                earlier = jnp.arange(counts.shape[0]) < lax.axis_index(SEQ)
+                return jnp.sum(jnp.where(earlier.reshape(-1, *(1,) * count.ndim), counts, 0), 0)
+
+            tier1, tier2, _ = self.inner.tiers(
+                cache, layer, q, pos, prior, offset=offset,
+                combine=lambda x: lax.psum(x, SEQ), before=before,
+            )  # fmt: skip
+            # Each device's list holds its own slots first-come: gather them all, in order.
+            return lax.all_gather(tier1, SEQ, axis=2, tiled=True), lax.all_gather(
+                tier2, SEQ, axis=2, tiled=True
+            )
+
+        tier1, tier2 = jax.shard_map(
             run,
             mesh=self.mesh,
-            in_specs=(cache_specs(cache), P(), rows, rows, rows),
-            out_specs=rows,
+            in_specs=(cache_specs(cache), P(), rows, rows),
+            out_specs=(rows, rows),
             check_vma=False,
-        )(cache, layer, q, self.inner.encode_query(q, layer), pos)
+        )(cache, layer, q, pos)
+
+        # Every device's list, -1 padded, side by side: keep the real slots, in slot order.
+        def compact(lists, size):
+            order = jnp.argsort(jnp.where(lists >= 0, lists, jnp.iinfo(jnp.int32).max), axis=-1)
+            return jnp.take_along_axis(lists, order, axis=-1)[..., :size]
+
+        return compact(tier1, self.inner.selected), compact(tier2, self.inner.tier2)

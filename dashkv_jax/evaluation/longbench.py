@@ -26,7 +26,7 @@ import datasets
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from dashkv_jax.attention.methods import DEFAULT_CANDIDATES, HASHED, METHODS, method_hasher
+from dashkv_jax.attention.methods import HASHED, METHODS, method_hasher
 from dashkv_jax.data import check_utf8
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.evaluation.metrics import TASK_METRICS, mean_score, score_prediction
@@ -317,7 +317,7 @@ def run_longbench(
     attention: str = "full",
     budget: str | int | None = None,
     hasher=None,
-    candidates: str | int = DEFAULT_CANDIDATES,
+    tier2: str | int | None = None,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     chat: bool | None = None,
@@ -329,7 +329,7 @@ def run_longbench(
       model, tokenizer: as from `dashkv_jax.load_model`.
       tasks: names from `TASKS`.
       data, hub: where the samples come from (see `load_longbench`).
-      attention, budget, hasher, candidates: the attention method, as for
+      attention, budget, hasher, tier2: the attention method, as for
         `dashkv_jax.generate.generate` (a fractional budget is of each sample's own context).
       limit: score only the first `limit` samples of each task.
       max_new_tokens: overrides every task's official generation length (for quick runs).
@@ -355,7 +355,7 @@ def run_longbench(
     samples = {task: load_longbench(task, data, hub=hub)[:limit] for task in tasks}
     if attention in HASHED:  # Load the hasher once, not once per sample.
         hasher = method_hasher(attention, model, hasher)
-    method = {"attention": attention, "budget": budget, "hasher": hasher, "candidates": candidates}
+    method = {"attention": attention, "budget": budget, "hasher": hasher, "tier2": tier2}
 
     report_tasks = {}
     for task, task_samples in samples.items():

@@ -1,7 +1,10 @@
 """Decode-mode perplexity: every position of a text attends through an attention method.
 
 Teacher-forced in one pass (`SparseAttention(teacher_forced=True)`), which computes exactly what
-token-by-token decoding would (tests/test_sparse.py checks it), at the cost of one prefill.
+token-by-token decoding would (tests/test_sparse.py checks it), at the cost of one prefill. The
+result says what the method used: exact and approximate tokens per KV head and step and the
+bytes a step reads per KV head (`step_bytes`), each the mean over positions and layers, so that
+methods are compared by what they cost as well as by what they lose.
 """
 
 import dataclasses
@@ -12,31 +15,117 @@ import numpy as np
 
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.sparse import SparseAttention
+from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.causal import Attention
 from dashkv_jax.models.llama import Llama, prefill
 
 
 def decode_perplexity(model: Llama, ids: np.ndarray, attention: Attention | None = None) -> dict:
-    """ids [T] int32 -> {"perplexity", "nll", "tokens", "mean_attended"} under `attention`.
+    """ids [T] int32 -> {"perplexity", "nll", "tokens", "exact_tokens", "approx_tokens",
+    "bytes", "per_layer"} under `attention` (full attention by default).
 
-    `mean_attended` is the mean tokens attended per KV head over positions and sparse layers,
-    where the method records it (hashed methods, whose cut is adaptive), else None.
+    exact_tokens, approx_tokens and bytes are means per KV head and step over positions and
+    every layer (the sandwich's exact layers included); per_layer holds each layer's.
     """
     attention = attention or FullAttention()
     if isinstance(attention, SparseAttention):
         attention = dataclasses.replace(attention, teacher_forced=True)
     ids = jnp.asarray(ids, jnp.int32)[None]
-    cache = model.init_cache(1, ids.shape[1], attention)
+    t = ids.shape[1]
+    cache = model.init_cache(1, t, attention)
     logits, cache = prefill(model, ids, cache, attention, all_logits=True)
     logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     nll = float(-jnp.take_along_axis(logprobs, ids[0, 1:, None], axis=-1).mean())
-    attended = getattr(cache, "attended", None)
-    if attended is not None:
-        dense = getattr(attention, "dense_layers", 0)
-        attended = float(attended[dense:].mean())
+    mean_visible = (t + 1) / 2  # position p sees p + 1 tokens
+    usage = getattr(cache, "usage", None)
+    if usage is None:  # full attention: every visible token, exactly
+        usage = np.zeros((model.config.num_layers, 2))
+        usage[:, 0] = mean_visible
+    else:
+        usage = np.asarray(usage).mean(axis=(1, 2))  # [L, 2] over batch and KV heads
+    exact, approx = usage[:, 0], usage[:, 1]
+    step_bytes = layer_bytes(attention, exact, approx, mean_visible, model.config, cache.k.dtype)
     return {
         "perplexity": float(np.exp(nll)),
         "nll": nll,
-        "tokens": int(ids.shape[1]),
-        "mean_attended": attended,
+        "tokens": t,
+        "exact_tokens": float(exact.mean()),
+        "approx_tokens": float(approx.mean()),
+        "bytes": float(step_bytes.mean()),
+        "per_layer": {
+            "exact_tokens": exact.round(2).tolist(),
+            "approx_tokens": approx.round(2).tolist(),
+            "bytes": step_bytes.round(1).tolist(),
+        },
     }
+
+
+def layer_bytes(attention, exact, approx, n_tokens, config, dtype) -> np.ndarray:
+    """Bytes each layer reads per KV head for a step that used `exact` and `approx` [L] tokens
+    over a cache of `n_tokens`: the method's cost in its sparse layers, full attention's in the
+    sandwich's exact ones."""
+    layers = np.arange(config.num_layers)
+    itemsize, d = jnp.dtype(dtype).itemsize, config.head_dim
+    dense = np.ones(config.num_layers, bool)
+    if isinstance(attention, SparseAttention):
+        dense = np.asarray(attention.is_dense(layers, config.num_layers))
+    full = FullAttention().step_bytes(exact, approx, n_tokens, d, itemsize)
+    sparse = attention.step_bytes(exact, approx, n_tokens, d, itemsize)
+    return np.where(dense, full, sparse).astype(np.float64)
+
+
+def perplexity_report(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    methods=("full", "simhash", "dashkv"),
+    context: int = 4096,
+    budget: str = "1/32",
+    tier2: str | None = None,
+    hasher=None,
+    symmetric=None,
+    options: dict | None = None,
+) -> dict:
+    """Decode-mode perplexity of the first `context` tokens of `text` through each method (see
+    `attention.methods.make_methods` for the settings) -> a JSON-ready dict: the settings and,
+    per method, `decode_perplexity`'s figures."""
+    from dashkv_jax.attention.methods import make_methods
+
+    bos = model.config.bos_token_id
+    ids = ([] if bos is None else [bos]) + tokenizer.encode(text, add_special_tokens=False).ids
+    if context > model.config.max_position:
+        raise DashKVError(
+            f"context {context} exceeds the model's context of {model.config.max_position}"
+        )
+    if len(ids) < context:
+        raise DashKVError(
+            f"the text has {len(ids)} tokens, fewer than the context of {context}: give a "
+            "longer text or a smaller --context"
+        )
+    attentions = make_methods(model, methods, context, budget, tier2, hasher, symmetric, options)
+    window = np.asarray(ids[:context], np.int32)
+    results = {name: decode_perplexity(model, window, a) for name, a in attentions.items()}
+    budgeted = [a for a in attentions.values() if hasattr(a, "budget")]
+    return {
+        "model": model.config.name,
+        "context": context,
+        "budget": budgeted[0].budget if budgeted else None,
+        "tier2": max((getattr(a, "tier2", 0) for a in budgeted), default=0),
+        "methods": results,
+    }
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of `perplexity_report`'s result."""
+    rows = [
+        f"context {report['context']}, exact budget {report['budget']}, tier 2 {report['tier2']}"
+        ", means per KV head and step over positions and layers",
+        f"{'method':<18} {'perplexity':>10} {'exact':>8} {'approx':>8} {'bytes':>10}",
+    ]
+    for name, m in report["methods"].items():
+        rows.append(
+            f"{name:<18} {m['perplexity']:>10.3f} {m['exact_tokens']:>8.1f}"
+            f" {m['approx_tokens']:>8.1f} {m['bytes']:>10.0f}"
+        )
+    return "\n".join(rows)

@@ -11,8 +11,8 @@ Layout of an artifact folder:
 from the model's (or whose bits differ from `bits=`), naming every difference; and a damaged
 one (a file missing, changed or added under params/, or weights that are not finite), before
 Orbax reads a byte of it. `save_hasher` writes beside the target and renames, so an export that
-dies half-way leaves the old artifact or none. An artifact saved before checksums were recorded
-is refused with the command that adds them (`dashkv add-checksums DIR`, `add_checksums`).
+dies half-way leaves the old artifact or none. An artifact of the two-stage method (format 1)
+is refused with the command that retrains it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing.encoders import Hasher, HasherConfig
 from dashkv_jax.models.loaders import DEFAULT_MODEL
 
-FORMAT = 1
+FORMAT = 2  # 2: DASH-KV's three tiers (encoders, tier-2 logit, calibration)
 METADATA_FILE = "hasher.json"
 PARAMS_DIR = "params"
 # Trained encoders and statistics are O(1); a float32 written over with bytes of 0x7f is 3.4e38.
@@ -52,6 +52,14 @@ def default_hasher_path(model: str = DEFAULT_MODEL) -> Path:
     if model != DEFAULT_MODEL:
         raise DashKVError(f"no shipped hasher for {model!r}: give --hasher PATH")
     return DEFAULT_HASHER
+
+
+def shipped_for(model) -> bool:
+    """Whether the shipped hasher is the one for `model` (a `Llama`): its model id matches."""
+    try:
+        return read_metadata(DEFAULT_HASHER)["config"]["model_id"] == model.config.name
+    except DashKVError:
+        return False
 
 
 def short_error(err: BaseException) -> str:
@@ -120,11 +128,34 @@ def read_metadata(path: str | os.PathLike) -> dict:
         record = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise DashKVError(f"unreadable {str(meta_path)!r}: {err}") from None
+    if record.get("format") == 1:
+        raise DashKVError(
+            f"the hasher at {str(path)!r} is from before DASH-KV's three tiers (format 1: "
+            "two-stage selection, other encoders): retrain it with experiments/train.py "
+            "(--config smollm2_2k reproduces the shipped one)"
+        )
     if record.get("format") != FORMAT or "config" not in record:
         raise DashKVError(
             f"{str(meta_path)!r} is not a format-{FORMAT} hasher (format {record.get('format')})"
         )
     return record
+
+
+# HasherConfig fields that only say how decoding uses the weights: chosen after training.
+DECODE_DEFAULTS = ("dense_first", "dense_last", "tier2", "t_vote")
+
+
+def set_decode_defaults(path: str | os.PathLike, **fields) -> dict:
+    """Rewrites decoding defaults (`DECODE_DEFAULTS`) in an artifact's hasher.json, e.g. the
+    sandwich `experiments/layer_sensitivity.py` chose; the weights are untouched. Returns the
+    new config."""
+    path = Path(path).expanduser().absolute()
+    record = read_metadata(path)
+    if unknown := set(fields) - set(DECODE_DEFAULTS):
+        raise DashKVError(f"not a decoding default: {', '.join(sorted(unknown))}")
+    config = dataclasses.asdict(HasherConfig(**{**record["config"], **fields}))  # validated
+    _write_record(path, {**record, "config": config})
+    return config
 
 
 def mismatches(config: HasherConfig, model_config, *, bits: int | None = None) -> list[str]:
@@ -190,10 +221,7 @@ def verify_files(path: Path, record: dict) -> None:
     """Raises DashKVError unless the files under params/ are exactly those whose SHA-256 the
     metadata records (an artifact saved before checksums gets the command that adds them)."""
     if "checksums" not in record:
-        raise DashKVError(
-            f"the hasher at {str(path)!r} records no checksums of its weights (saved before "
-            f"they were): if you trust its files, add them with `dashkv add-checksums {path}`"
-        )
+        raise DashKVError(f"the hasher at {str(path)!r} is damaged (no checksums recorded)")
     expected, found = record["checksums"], file_checksums(path / PARAMS_DIR)
     problems = [f"{name} missing" for name in sorted(set(expected) - set(found))]
     problems += [f"{name} unexpected" for name in sorted(set(found) - set(expected))]
@@ -276,22 +304,3 @@ class _AbandonedReads(logging.Filter):
         if error_type is None:  # every read completed: none can call back late
             sys.unraisablehook = self.previous_hook
             logging.getLogger("asyncio").removeFilter(self)
-
-
-def add_checksums(path: str | os.PathLike) -> str:
-    """Records the checksums of an artifact saved before they were, once its weights restore
-    and are finite; checks them where they are recorded. Returns what it did, in a line."""
-    path = Path(path).expanduser().absolute()
-    record = read_metadata(path)
-    try:
-        config = HasherConfig(**record["config"])
-    except TypeError as err:
-        raise DashKVError(f"{str(path)!r} has a bad hasher config: {err}") from None
-    if "checksums" in record:
-        verify_files(path, record)
-        _restore(path, config)
-        return f"{path}: checksums already recorded, and they match"
-    _restore(path, config)
-    record["checksums"] = file_checksums(path / PARAMS_DIR)
-    _write_record(path, record)
-    return f"{path}: recorded the checksums of {len(record['checksums'])} files"

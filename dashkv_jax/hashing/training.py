@@ -1,27 +1,31 @@
-"""Training the hashers: ranking loss, sharded train step, Orbax checkpoints, the whole run.
+"""Training the hashers: list-wise distillation, the sharded train step, Orbax, the whole run.
 
 Data. Captured keys of every training window stay on the devices ([C, L, T, Hkv, D]); each
 sampled query carries its queries [L, Hq, D], its window and position, the oracle's top-P keys
-and its softmax normalisers (`capture.oracle_targets`). A step takes B queries (a permutation
-of all samples per epoch, fixed by the seed and the step) and, inside the jitted step, draws
-`negatives` eligible keys uniformly per (query, layer, KV head) and gathers the keys it needs.
+of every KV head and its softmax normalisers (`capture.oracle_targets`). A step takes B queries
+(a permutation of all samples per epoch, fixed by the seed and the step) and, inside the jitted
+step, draws per (query, layer) one key set shared by the KV heads: every head's top-P keys and
+U keys drawn uniformly from the eligible ones, each weighted so that sums over the set estimate
+sums over all eligible keys (1 for a top key, n_eligible / U for a uniform draw outside the
+tops, 0 for repeats).
 
-Loss. For each (query, layer, KV head) the relaxed hashed score of key k is
-  s_asym(k) = sum_j tanh(f(q_j)) . sgn(g(k)),   s_ham(k) = sum_j sgn(f(q_j)) . sgn(g(k))
-over the G query heads j of the group, where sgn is the sign forward and tanh's gradient
-backward (straight-through). Every (oracle top key i, sampled key j) pair with exact group
-attention p_i > p_j adds the Bradley-Terry term softplus(-a_l (s_i - s_j)), a_l a learned
-per-layer scale; the loss is the mean over pairs of the asymmetric term plus `hamming_weight`
-times the hamming term, plus `balance_weight` times the bit balance (the squared mean of each
-bit's tanh over sampled keys and over queries).
+Loss (`loss="kl"`, the paper's). The teacher is the full-attention distribution of each query
+head over all eligible keys before it (exact: its normaliser was computed over all of them);
+the student's logits are the relaxed hash logits, `alpha_{l,g} <tanh(beta v_q), tanh(beta
+u_k)> / b + Delta_l(agreement)`, with beta annealed from `beta_start` to `beta_end` (the
+continuation method: the relaxation tends to the sign codes decoding uses); the per-head
+`KL(P_student || P_teacher)` (or forward, `kl_direction`) is estimated on the weighted key set.
+A second KL trains the group selection (what tier 1 ranks by): the relaxed group similarity plus
+the calibration discounts (consensus: a soft vote of the KV heads' first-pass tier 1 of
+`consensus_fraction` of the eligible keys; momentum: the previous layer's teacher attention on
+the key, DESIGN.md section 2) against the group's teacher distribution, through a learned
+per-layer temperature. Plus a bit-balance and a quantisation loss (0.1 each, the paper's).
+`loss="bt"` (the ablation) ranks the group similarity with Bradley-Terry pairs (oracle top key
+over sampled key) instead, and trains the tier-2 logit and the discounts on the KLs with the
+encoders' gradients stopped.
 
-Positions. Hashers learn the positions they are trained at: trained on 1024-token windows they
-fall below SimHash at a 4096-token context. Train at the context you decode at. An option,
-`max_shift`, moves each sample's window a random Δ later (keys and queries rotated by Δ; RoPE
-attention depends on relative positions only, so the targets stay exact). It covers absolute
-positions but not longer relative distances; measured on the bundled model (1024-token
-windows, Δ up to 7168) it trades recall at 1024 (0.949 -> 0.911) for recall at 2048 (0.812 ->
-0.855) and 4096 (0.655 -> 0.717), so it is off by default.
+Positions. `max_shift` moves each sample's window a random offset later (keys and queries
+rotated by it; RoPE attention depends on relative positions only, so targets stay exact).
 
 Step. One `jax.jit` with explicit input and output shardings over a ("data", "layer") mesh:
 samples split over "data", every per-layer array (parameters, optimizer moments, keys) split
@@ -54,7 +58,7 @@ from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing import artifact, retrieval
 from dashkv_jax.hashing import capture as capture_lib
 from dashkv_jax.hashing.capture import CaptureConfig, Captured, Targets
-from dashkv_jax.hashing.encoders import Hasher, HasherConfig, fit_input_stats
+from dashkv_jax.hashing.encoders import SANDWICH, Hasher, HasherConfig, fit_input_stats
 from dashkv_jax.models.llama import rope_frequencies
 from dashkv_jax.models.loaders import DEFAULT_MODEL
 
@@ -65,18 +69,27 @@ Array = jax.Array
 class TrainConfig:
     """The hasher's shape, the loss, the optimiser and the mesh."""
 
-    # hasher
+    # hasher (HasherConfig's fields of the same names)
     bits: int = 128
     kind: str = "asymmetric"  # or "symmetric"
-    key_hidden: int = 0
-    query_width: int = 16
-    query_depth: int = 2
+    query_hidden: tuple[int, ...] = (256, 256)
     query_skip: bool = True
+    residual_groups: int = 16
+    residual_hidden: int = 16
+    dense_first: int = SANDWICH[0]  # the sandwich decoding defaults to, in the artifact
+    dense_last: int = SANDWICH[1]
+    t_vote: int = 2
     # targets and loss
-    positives: int = 32  # oracle top keys per (query, layer, KV head)
-    negatives: int = 32  # uniformly sampled eligible keys per (query, layer, KV head)
-    hamming_weight: float = 0.5
+    loss: str = "kl"  # or "bt" (Bradley-Terry pairs: the ablation)
+    kl_direction: str = "reverse"  # KL(P_student || P_teacher); "forward" swaps them
+    positives: int = 16  # oracle top keys per (query, layer, KV head)
+    negatives: int = 64  # uniform draws per (query, layer), shared by the KV heads
+    beta_start: float = 1.0
+    beta_end: float = 10.0
+    selection_weight: float = 1.0
     balance_weight: float = 0.1
+    quantization_weight: float = 0.1
+    consensus_fraction: float = 1 / 32  # first-pass tier 1 of the soft vote, of eligible keys
     # RoPE position augmentation: each sample's keys and queries rotate by one offset drawn from
     # [0, max_shift] (-1: up to the model's context minus the window; 0: off, the default)
     max_shift: int = 0
@@ -99,24 +112,37 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self):
+        object.__setattr__(self, "query_hidden", tuple(self.query_hidden))
         if self.kind not in ("asymmetric", "symmetric"):
             raise DashKVError(f"can train 'asymmetric' or 'symmetric' hashers, got {self.kind!r}")
+        if self.loss not in ("kl", "bt"):
+            raise DashKVError(f"loss must be 'kl' or 'bt', got {self.loss!r}")
+        if self.kl_direction not in ("reverse", "forward"):
+            raise DashKVError(f"kl_direction must be 'reverse' or 'forward': {self.kl_direction!r}")
         if self.bits < 32 or self.bits % 32:
             raise DashKVError(f"bits must be a positive multiple of 32, got {self.bits}")
         for name in ("steps", "batch_size", "positives", "negatives", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise DashKVError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.beta_start <= self.beta_end:
+            raise DashKVError(
+                f"need 0 < beta_start <= beta_end: {self.beta_start}, {self.beta_end}"
+            )
 
-    def hasher_config(self, model_config, model_id: str | None = None) -> HasherConfig:
+    def hasher_config(self, model_config, model_id: str | None = None, **fields) -> HasherConfig:
         return HasherConfig.for_model(
             model_config,
             model_id,
             bits=self.bits,
             kind=self.kind,
-            key_hidden=self.key_hidden,
-            query_width=self.query_width,
-            query_depth=self.query_depth,
+            query_hidden=self.query_hidden,
             query_skip=self.query_skip,
+            residual_groups=self.residual_groups,
+            residual_hidden=self.residual_hidden,
+            dense_first=self.dense_first,
+            dense_last=self.dense_last,
+            t_vote=self.t_vote,
+            **fields,
         )
 
 
@@ -124,33 +150,15 @@ class TrainConfig:
 
 
 class Trainee(nnx.Module):
-    """What the optimiser updates: the hasher and the loss's per-layer score scales."""
+    """What the optimiser updates: the hasher, the selection's per-layer temperature and the
+    Bradley-Terry ablation's pair scale."""
 
     def __init__(self, config: HasherConfig, *, rngs: nnx.Rngs):
         self.hasher = Hasher(config, rngs=rngs)
-        # Pair logits a_l (s_i - s_j) start near unit scale: scores spread like sqrt(G * bits).
-        init = -0.5 * np.log(config.group_size * config.bits)
-        self.log_scale = nnx.Param(jnp.full((config.num_layers,), init, jnp.float32))
-
-
-def sign_ste(x: Array) -> Array:
-    """sign(x) forward, the gradient of tanh(x) backward."""
-    soft = jnp.tanh(x)
-    return soft + jax.lax.stop_gradient(jnp.where(x > 0, 1.0, -1.0) - soft)
-
-
-def _pair_loss(scores: Array, probs: Array, positives: int, scale: Array) -> Array:
-    """Mean Bradley-Terry loss over (top, sampled) pairs ordered by exact attention.
-
-    scores, probs [L, B, J, Hkv] with the J keys = `positives` oracle top, then sampled.
-    """
-    s_top, s_other = scores[:, :, :positives, None], scores[:, :, None, positives:]
-    p_top, p_other = probs[:, :, :positives, None], probs[:, :, None, positives:]
-    margin = scale[:, None, None, None, None] * (s_top - s_other)  # [L, B, P, N, Hkv]
-    ordered = p_top > p_other  # a sampled key may itself be in the oracle's top
-    return jnp.sum(jnp.where(ordered, jax.nn.softplus(-margin), 0.0)) / jnp.maximum(
-        jnp.sum(ordered), 1
-    )
+        # Selection logits gamma_l * S / (G b): relaxed similarities spread over a few units.
+        self.selection_scale = nnx.Param(jnp.full((config.num_layers,), 8.0, jnp.float32))
+        init = -0.5 * np.log(config.group_size * config.bits)  # BT pair logits near unit scale
+        self.pair_scale = nnx.Param(jnp.full((config.num_layers,), init, jnp.float32))
 
 
 def shift_positions(x: Array, offset: Array, inv_freq: Array) -> Array:
@@ -165,62 +173,164 @@ def shift_positions(x: Array, offset: Array, inv_freq: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def key_sample(batch: dict, rng: Array, num_layers: int, config: TrainConfig, sinks, window):
+    """Per (query, layer) one key set for every KV head -> (index [B, L, J] int32, weight
+    [B, L, J] float32, J = Hkv P + U): sums of weight x f(key) estimate sums over all eligible
+    keys (module docstring)."""
+    top = batch["top"]  # [B, L, Hkv, P]
+    b = top.shape[0]
+    top = top.reshape(b, num_layers, -1)  # [B, L, Hkv P]
+    high = batch["position"] - window + 1  # eligible keys: [sinks, high)
+    drawn = jax.random.randint(rng, (b, num_layers, config.negatives), sinks, high[:, None, None])
+    index = jnp.concatenate([top, drawn], axis=-1)  # [B, L, J]
+    n_top = top.shape[-1]
+    same = index[..., :, None] == index[..., None, :]  # [B, L, J, J]
+    earlier = jnp.tril(jnp.ones(same.shape[-2:], bool), -1)
+    repeated_top = jnp.any(same[..., :n_top, :n_top] & earlier[:n_top, :n_top], axis=-1)
+    drawn_in_top = jnp.any(same[..., n_top:, :n_top], axis=-1)
+    eligible = (high - sinks).astype(jnp.float32)[:, None, None]
+    weight = jnp.concatenate(
+        [
+            jnp.where(repeated_top, 0.0, 1.0),
+            jnp.where(drawn_in_top, 0.0, eligible / config.negatives),
+        ],
+        axis=-1,
+    )
+    return index, weight
+
+
+def _weighted_kl(student: Array, teacher_log: Array, weight: Array, direction: str) -> Array:
+    """KL between the student softmax of `student` [..., J] (normalised on the weighted set)
+    and the teacher's log-probabilities [..., J] (normalised over all keys) -> [...]."""
+    log_w = jnp.log(jnp.maximum(weight, 1e-30))
+    student_log = student - jax.nn.logsumexp(student + log_w, axis=-1, keepdims=True)
+    present = weight > 0
+    if direction == "reverse":
+        p = jnp.exp(student_log) * weight
+        return jnp.sum(jnp.where(present, p * (student_log - teacher_log), 0.0), axis=-1)
+    p = jnp.exp(teacher_log) * weight
+    return jnp.sum(jnp.where(present, p * (teacher_log - student_log), 0.0), axis=-1)
+
+
+def _soft_threshold(values: Array, weight: Array, k: Array) -> Array:
+    """The value whose weighted count of larger values reaches k: values, weight [..., J],
+    k [...] -> [...] (the k-th largest over all keys, estimated on the weighted set)."""
+    order = jnp.argsort(-values, axis=-1)
+    sorted_values = jnp.take_along_axis(values, order, axis=-1)
+    above = jnp.cumsum(jnp.take_along_axis(weight, order, axis=-1), axis=-1)
+    position = jnp.sum(above < k[..., None], axis=-1)
+    position = jnp.minimum(position, values.shape[-1] - 1)
+    return jnp.take_along_axis(sorted_values, position[..., None], axis=-1)[..., 0]
+
+
+def _pair_loss(scores: Array, probs: Array, n_top: int, scale: Array) -> Array:
+    """Mean Bradley-Terry loss over (top, sampled) pairs ordered by exact attention.
+
+    scores, probs [L, B, Hkv, J]: the first n_top keys are oracle tops, then sampled ones.
+    """
+    s_top, s_other = scores[..., :n_top, None], scores[..., None, n_top:]
+    p_top, p_other = probs[..., :n_top, None], probs[..., None, n_top:]
+    margin = scale[:, None, None, None, None] * (s_top - s_other)  # [L, B, Hkv, P, U]
+    ordered = p_top > p_other  # a sampled key may itself be in the oracle's top
+    return jnp.sum(jnp.where(ordered, jax.nn.softplus(-margin), 0.0)) / jnp.maximum(
+        jnp.sum(ordered), 1
+    )
+
+
 def loss_fn(
     trainee: Trainee,
     keys: Array,  # [C, L, T, Hkv, D] training windows' keys
     batch: dict,  # queries [B,L,Hq,D], context [B], position [B], top [B,L,Hkv,P], lse [B,L,Hq]
     rng: Array,
+    beta: Array,  # the relaxation's sharpness this step
     config: TrainConfig,
     sinks: int,
     window: int,
     inv_freq: Array | None = None,  # [D/2] the model's RoPE frequencies (for max_shift)
     max_shift: int = 0,
 ) -> tuple[Array, dict]:
-    c = trainee.hasher.config
-    num_layers, hkv, g, d = c.num_layers, c.num_kv_heads, c.group_size, c.head_dim
+    hasher = trainee.hasher
+    c = hasher.config
+    num_layers, hkv, g, d, bits = c.num_layers, c.num_kv_heads, c.group_size, c.head_dim, c.bits
     b = batch["position"].shape[0]
-    # Sampled keys: uniform over the eligible range [sinks, position - window].
-    high = (batch["position"] - window + 1)[:, None, None, None]
-    sampled = jax.random.randint(rng, (b, num_layers, hkv, config.negatives), sinks, high)
-    index = jnp.concatenate([batch["top"], sampled], axis=-1).transpose(1, 0, 3, 2)  # [L,B,J,Hkv]
-    gathered = keys[
-        batch["context"][None, :, None, None],
-        jnp.arange(num_layers)[:, None, None, None],
-        index,
-        jnp.arange(hkv)[None, None, None, :],
-    ]  # [L, B, J, Hkv, D]
+    index, weight = key_sample(batch, rng, num_layers, config, sinks, window)  # [B, L, J]
+    index, weight = index.transpose(1, 0, 2), weight.transpose(1, 0, 2)  # [L, B, J]
+    layers = jnp.arange(num_layers)[:, None, None]
+    context = batch["context"][None, :, None]
+    gathered = keys[context, layers, index]  # [L, B, J, Hkv, D]
+    before = keys[context, jnp.maximum(layers - 1, 0), index]  # the previous layer's keys
     queries = batch["queries"].transpose(1, 0, 2, 3)  # [L, B, Hq, D]
+    lse = batch["lse"].transpose(1, 0, 2)  # [L, B, Hq]
 
-    # Exact group attention of the gathered keys (the ranking to learn).
-    qg = queries.reshape(num_layers, b, hkv, g, d)
-    logits = jnp.einsum("lbhgd,lbjhd->lbjhg", qg, gathered) * d**-0.5
-    lse = batch["lse"].transpose(1, 0, 2).reshape(num_layers, b, 1, hkv, g)
-    probs = jnp.sum(jnp.exp(logits - lse), axis=-1)  # [L, B, J, Hkv]
+    # The teacher: exact log-probabilities of every query head over all eligible keys.
+    logits = jnp.einsum("lbhgd,lbjhd->lbhgj", queries.reshape(num_layers, b, hkv, g, d), gathered)
+    logits = logits.reshape(num_layers, b, -1, logits.shape[-1]) * d**-0.5  # [L, B, Hq, J]
+    teacher_log = logits - lse[..., None]
+    group_teacher = jnp.exp(teacher_log).reshape(num_layers, b, hkv, g, -1).mean(3)  # [L,B,Hkv,J]
+    # Momentum's prior: the previous layer's teacher attention on the key, mean over heads.
+    prev_q = jnp.concatenate([queries[:1], queries[:-1]], axis=0).reshape(num_layers, b, hkv, g, d)
+    prev_lse = jnp.concatenate([lse[:1], lse[:-1]], axis=0)
+    prev = jnp.einsum("lbhgd,lbjhd->lbhgj", prev_q, before).reshape(
+        num_layers, b, -1, index.shape[-1]
+    )
+    prev = jnp.exp(prev * d**-0.5 - prev_lse[..., None]).mean(axis=2)  # [L, B, J]
+    prev = jnp.where(layers == 0, 0.0, prev)
 
     if max_shift > 0:
-        # Attention depends on relative positions only, so the window moved later in the
-        # context has the same targets: the encoders learn keys and queries at every position
-        # up to the model's context without running the model that long.
         offset = jax.random.randint(jax.random.fold_in(rng, 1), (b,), 0, max_shift + 1)
         gathered = shift_positions(gathered, offset[None, :, None, None], inv_freq)
         queries = shift_positions(queries, offset[None, :, None], inv_freq)
 
-    # Relaxed hashed scores.
-    k_logits = trainee.hasher.key_logits(gathered)  # [L, B, J, Hkv, bits]
-    key_codes = sign_ste(k_logits)
-    q_logits = trainee.hasher.query_logits(queries)  # [L, B, Hq, bits]
-    q_soft = jnp.tanh(q_logits)
-    group = (num_layers, b, hkv, g, c.bits)
-    asym = jnp.einsum("lbhx,lbjhx->lbjh", q_soft.reshape(group).sum(3), key_codes)
-    ham = jnp.einsum("lbhx,lbjhx->lbjh", sign_ste(q_logits).reshape(group).sum(3), key_codes)
-    scale = jnp.exp(trainee.log_scale[...])
-    rank_asym = _pair_loss(asym, probs, config.positives, scale)
-    rank_ham = _pair_loss(ham, probs, config.positives, scale)
+    # The student: relaxed codes on both sides.
+    k_logits = hasher.key_logits(gathered)  # [L, B, J, Hkv, bits]
+    q_logits = hasher.query_logits(queries)  # [L, B, Hq, bits]
+    k_soft, q_soft = jnp.tanh(beta * k_logits), jnp.tanh(beta * q_logits)
+    if config.loss == "bt":  # the ablation: only the pairs train the encoders
+        k_soft, q_soft = jax.lax.stop_gradient(k_soft), jax.lax.stop_gradient(q_soft)
+    groups = c.residual_groups
+    q_heads = q_soft.reshape(num_layers, b, hkv, g, groups, bits // groups)
+    k_groups = k_soft.reshape(*k_soft.shape[:-1], groups, bits // groups)  # [L, B, J, Hkv, n, m]
+    # Each group's relaxed inner product: the per-group agreement and, summed, the similarity.
+    group_dot = jnp.einsum("lbhgnm,lbjhnm->lbhgjn", q_heads, k_groups)  # [L, B, Hkv, G, J, n]
+    per_head = group_dot.sum(-1)  # [L, B, Hkv, G, J]
+    similarity = per_head.reshape(num_layers, b, hkv * g, -1) / bits  # [L, B, Hq, J]
+    agreement = 0.5 + group_dot.reshape(*similarity.shape, groups) * (0.5 * groups / bits)
+    student = hasher.approx_logits(similarity, agreement)  # [L, B, Hq, J]
+    head_weight = jnp.repeat(weight[:, :, None], hkv * g, axis=2)
+    head_kl = jnp.mean(_weighted_kl(student, teacher_log, head_weight, config.kl_direction))
 
-    key_balance = jnp.mean(jnp.tanh(k_logits[:, :, config.positives :]), axis=(1, 2))
-    balance = jnp.mean(key_balance**2) + jnp.mean(jnp.mean(q_soft, axis=1) ** 2)
-    loss = rank_asym + config.hamming_weight * rank_ham + config.balance_weight * balance
-    return loss, {"rank_asym": rank_asym, "rank_ham": rank_ham, "balance": balance}
+    # The group selection, calibrated as decoding does.
+    group = per_head.sum(axis=3)  # [L, B, Hkv, J]: relaxed G b - 2 D
+    consensus, momentum = hasher.discounts()  # [L], distance units
+    eligible = (batch["position"] - window + 1 - sinks).astype(jnp.float32)  # [B]
+    k1 = jnp.maximum(1.0, config.consensus_fraction * eligible)[None, :, None]  # [1, B, 1]
+    head_weights = jnp.broadcast_to(weight[:, :, None], group.shape)
+    threshold = jax.lax.stop_gradient(_soft_threshold(group, head_weights, k1))  # [L, B, Hkv]
+    sharp = 8.0 / (g * bits) ** 0.5  # a vote turns over about one typical score spread
+    votes = jax.nn.sigmoid(sharp * (group - threshold[..., None])).sum(axis=2)  # [L, B, J]
+    agreed = jax.nn.sigmoid(4.0 * (votes - c.t_vote + 0.5))
+    discount = consensus[:, None, None] * agreed + momentum[:, None, None] * prev  # [L, B, J]
+    calibrated = group + 2.0 * discount[:, :, None]  # the similarity gains twice the distance
+    gamma = trainee.selection_scale[...][:, None, None, None]
+    selection = gamma * calibrated / (g * bits)
+    log_group = jnp.log(jnp.maximum(group_teacher, 1e-30))
+    selection_kl = jnp.mean(_weighted_kl(selection, log_group, head_weights, config.kl_direction))
+
+    balance = jnp.mean(jnp.mean(k_soft, axis=(1, 2)) ** 2) + jnp.mean(jnp.mean(q_soft, 1) ** 2)
+    quantization = jnp.mean((1 - jnp.abs(k_soft)) ** 2) + jnp.mean((1 - jnp.abs(q_soft)) ** 2)
+    parts = {"head_kl": head_kl, "selection_kl": selection_kl, "balance": balance}
+    loss = head_kl + config.selection_weight * selection_kl
+    if config.loss == "bt":
+        k_hard = jnp.tanh(beta * hasher.key_logits(gathered))
+        q_hard = jnp.tanh(beta * hasher.query_logits(queries)).reshape(num_layers, b, hkv, g, -1)
+        scores = jnp.einsum("lbhgx,lbjhx->lbhj", q_hard, k_hard)
+        n_top = batch["top"].shape[-1] * hkv
+        pairs = _pair_loss(scores, group_teacher, n_top, jnp.exp(trainee.pair_scale[...]))
+        parts["pairs"] = pairs
+        loss = loss + pairs
+        balance = jnp.mean(jnp.mean(k_hard, axis=(1, 2)) ** 2) + jnp.mean(jnp.mean(q_hard, 1) ** 2)
+    loss = loss + config.balance_weight * balance + config.quantization_weight * quantization
+    return loss, parts
 
 
 def make_optimizer(trainee: Trainee, config: TrainConfig) -> nnx.Optimizer:
@@ -287,6 +397,12 @@ def put(array: np.ndarray, sharding: NamedSharding) -> Array:
 _COMPILED_STEPS: dict = {}
 
 
+def beta_at(step: Array, config: TrainConfig) -> Array:
+    """The relaxation's sharpness at `step`: from beta_start to beta_end, linearly."""
+    progress = jnp.minimum(step / max(config.steps - 1, 1), 1.0)
+    return config.beta_start + (config.beta_end - config.beta_start) * progress
+
+
 def _jit_train_step(graphdef, state, config, mesh, sinks, window, inv_freq, max_shift):
     """(the jitted step, its graphdef, the state's shardings) for one config and mesh."""
     state_sharding = state_shardings(state, mesh)
@@ -295,11 +411,13 @@ def _jit_train_step(graphdef, state, config, mesh, sinks, window, inv_freq, max_
 
     def train_step(state, keys, batch):
         trainee, optimizer = nnx.merge(graphdef, state)
-        rng = jax.random.fold_in(base_rng, optimizer.step[...])  # the step's own samples
+        step = optimizer.step[...]
+        rng = jax.random.fold_in(base_rng, step)  # the step's own samples
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
         (loss, parts), grads = grad_fn(
-            trainee, keys, batch, rng, config, sinks, window, inv_freq, max_shift
-        )
+            trainee, keys, batch, rng, beta_at(step, config), config, sinks, window, inv_freq,
+            max_shift,
+        )  # fmt: skip
         optimizer.update(trainee, grads)
         metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
         return nnx.state((trainee, optimizer)), metrics
@@ -587,15 +705,13 @@ def _load_targets(
     return targets
 
 
-def _table(results: dict, k: int, candidates: int, context: int) -> str:
+def _table(results: dict, k: int, context: int) -> str:
     rows = [
-        f"held-out recall, context {context}, budget k={k}, candidates C={candidates}",
-        f"{'method':<26} {'top-k recall':>12} {'IoU':>7} {'mass recall':>12}",
+        f"held-out retrieval by raw distance, context {context}, tier 1 of k={k}",
+        f"{'method':<14} {'Recall@100':>10} {'mass recall':>12}",
     ]
     for name, m in results.items():
-        rows.append(
-            f"{name:<26} {m['topk_recall']:>12.4f} {m['iou']:>7.4f} {m['mass_recall']:>12.4f}"
-        )
+        rows.append(f"{name:<14} {m['recall_at_100']:>10.4f} {m['mass_recall']:>12.4f}")
     return "\n".join(rows)
 
 
@@ -614,15 +730,15 @@ def _train_loop(stepper, keys, batches, checkpoints, log, last, heldout, evaluat
             rate = window_steps / (time.perf_counter() - window_start)
             log(
                 {"step": step, **metrics, "steps_per_s": round(rate, 3)},
-                f"step {step:>5}  loss {metrics['loss']:.4f}  rank {metrics['rank_asym']:.4f}"
-                f"  balance {metrics['balance']:.4f}  {rate:.2f} steps/s",
+                f"step {step:>5}  loss {metrics['loss']:.4f}  head KL {metrics['head_kl']:.4f}"
+                f"  selection KL {metrics['selection_kl']:.4f}  {rate:.2f} steps/s",
             )
             window_start, window_steps = time.perf_counter(), 0
         if step % tc.eval_every == 0 and step < tc.steps:
             m = evaluate(stepper.trainee().hasher, heldout, max_queries=tc.eval_queries)
             log(
                 {"step": step, "heldout": _scalars(m)},
-                f"step {step:>5}  held-out top-k recall {m['topk_recall']:.4f}"
+                f"step {step:>5}  held-out Recall@100 {m['recall_at_100']:.4f}"
                 f"  mass recall {m['mass_recall']:.4f}",
             )
             window_start = time.perf_counter()  # evaluation time is not step time
@@ -675,11 +791,11 @@ def run(
     targets = _load_targets(
         train, config.train_data, tc.positives, out / f"targets-p{tc.positives}.npz"
     )
-    k, candidates = config.budget.sizes(config.heldout_data.context)
+    k = config.budget.size(config.heldout_data.context)
     data = config.heldout_data
-    retrieval.check_budget(heldout, k, candidates, data.sinks, data.window)
+    retrieval.check_budget(heldout, k, data.sinks, data.window)
 
-    hasher_config = tc.hasher_config(model.config, model_id)
+    hasher_config = tc.hasher_config(model.config, model_id, train_length=data.context)
     trainee = Trainee(hasher_config, rngs=nnx.Rngs(tc.seed))
     train_queries = train.queries.reshape(-1, *train.queries.shape[2:])
     fit_input_stats(trainee.hasher, train.keys, train_queries, sinks=data.sinks)
@@ -697,9 +813,8 @@ def run(
     )
     keys = put(train.keys, keys_sharding(mesh))
     batches = Batches(train, targets, tc.batch_size, tc.seed)
-    evaluate = functools.partial(
-        retrieval.evaluate, k=k, candidates=candidates, sinks=data.sinks, window=data.window
-    )
+    train.keys = None  # the devices hold them now: a long capture is gigabytes
+    evaluate = functools.partial(retrieval.evaluate, k=k, sinks=data.sinks, window=data.window)
     last = min(tc.steps, stop_after) if stop_after is not None else tc.steps
     train_start = time.perf_counter()
     checkpoints = Checkpoints(out / "checkpoints", tc.keep_checkpoints)
@@ -720,13 +835,7 @@ def run(
 
     hasher = stepper.trainee().hasher
     results = retrieval.compare_hashers(
-        heldout,
-        hasher,
-        k=k,
-        candidates=candidates,
-        sinks=data.sinks,
-        window=data.window,
-        seed=tc.seed,
+        heldout, hasher, k=k, sinks=data.sinks, window=data.window, seed=tc.seed
     )
     hasher_path = out / "hasher"
     artifact.save_hasher(
@@ -736,13 +845,12 @@ def run(
             "model": config.model,
             "train_config": config_to_json(config),
             "heldout": {name: _scalars(m) for name, m in results.items()},
-            "budget": {"k": k, "candidates": candidates, "context": data.context},
+            "budget": {"tier1": k, "context": data.context},
         },
     )
     summary = {
         "results": results,
         "k": k,
-        "candidates": candidates,
         "context": data.context,
         "capture_seconds": round(capture_seconds, 1),
         "train_seconds": round(train_seconds, 1),
@@ -761,7 +869,7 @@ def run(
     if jax.process_index() == 0:
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         if not quiet:
-            print(_table(results, k, candidates, data.context))
+            print(_table(results, k, data.context))
             print(
                 f"hasher: {hasher_path}  (capture {capture_seconds:.0f} s, training "
                 f"{train_seconds:.0f} s, total {summary['total_seconds']:.0f} s)",

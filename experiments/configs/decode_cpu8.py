@@ -12,7 +12,6 @@ CONFIG = DecodeConfig(
     name="cpu8",
     attention="dashkv",
     budget="1/32",
-    candidates="1/8",
     mesh="seq=8,batch=1",
     context=4096,
     steps=16,

@@ -20,7 +20,6 @@ CONFIG = DecodeConfig(
     model="checkpoints/Llama-3.1-8B-Instruct",
     attention="dashkv",
     budget="2048",  # tokens, not a fraction: the exact parts stay fixed as the context grows
-    candidates="8192",
     hasher="runs/llama31_8b/hasher",
     mesh="seq=8,batch=1",
     context=131072 - 64,

@@ -3,9 +3,9 @@
 A v5p-64 slice (32 chips, 8 hosts) as a ("data", "layer") mesh of 4 x 8: the 32 layers split 8
 ways (4 per chip, keys and optimizer moments included), the query samples 4 ways. Launch the
 same command on every host (`jax.distributed.initialize()` runs when the environment says
-multi-host); each host loads the full capture (64 windows of 8192 tokens, ~69 GB in float32,
-cached on shared storage by the first run) and feeds its own shards. Point `--model` at a
-local Hugging Face folder of meta-llama/Meta-Llama-3-8B (config.json + *.safetensors).
+multi-host); each host loads the full capture (160 windows of 3072 tokens, the paper's training
+length, ~100 GB in float32, cached on shared storage by the first run) and feeds its own
+shards. Point `--model` at a local Hugging Face folder of meta-llama/Meta-Llama-3-8B.
 """
 
 from dashkv_jax.hashing.capture import CaptureConfig
@@ -16,18 +16,16 @@ CONFIG = RunConfig(
     name="llama3_8b_pod",
     model="checkpoints/Meta-Llama-3-8B",
     train_data=CaptureConfig(
-        split="train", context=8192, contexts=64, queries_per_context=1024, min_position=0.25
+        split="train", context=3072, contexts=160, queries_per_context=512, min_position=0.1
     ),
     heldout_data=CaptureConfig(
-        split="heldout", context=8192, contexts=8, queries_per_context=256, min_position=0.25
+        split="validation", context=3072, contexts=8, queries_per_context=256, min_position=0.1
     ),
     train=TrainConfig(
         bits=128,
         kind="asymmetric",
-        query_width=256,
-        query_depth=3,
-        query_skip=True,
-        positives=256,
+        query_hidden=(256, 256),
+        positives=64,
         negatives=256,
         batch_size=256,
         steps=20_000,
@@ -40,6 +38,6 @@ CONFIG = RunConfig(
         data_parallel=4,
         layer_parallel=8,
     ),
-    budget=Budget(budget=1 / 32, candidates=1 / 8),
+    budget=Budget(tier1=1 / 32),
     out="runs/llama3_8b_pod",
 )
