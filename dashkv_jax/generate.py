@@ -10,6 +10,7 @@ from flax import nnx
 from jax.experimental import io_callback
 from tokenizers import Tokenizer
 
+from dashkv_jax.attention.eviction import EvictionAttention
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.methods import make_attention, method_hasher, parse_budget
 from dashkv_jax.errors import DashKVError
@@ -197,7 +198,8 @@ def generate_each(
     gives each, at a fraction of the cost when comparing methods on long prompts).
 
     The cache has the prompt + new tokens rounded up to `slot_multiple` slots, so prompts of
-    nearly equal length reuse one compiled decode loop per backend.
+    nearly equal length reuse one compiled decode loop per backend. Eviction methods cannot
+    adopt (they choose by the prompt's queries): each runs its own prefill (`generate_ids`).
     """
     ids = _prompt_ids(model, tokenizer, prompt, chat, max_new_tokens)
     slots = -(-(len(ids) + max_new_tokens) // slot_multiple) * slot_multiple
@@ -206,7 +208,11 @@ def generate_each(
     texts = []
     for attention in attentions:
         method = {"max_new_tokens": max_new_tokens, "sampling": sampling, "attention": attention}
-        out, counts = decode_from(model, logits, cache, jax.random.key(seed), **method)
+        if isinstance(attention, EvictionAttention):
+            prompt_ids = jnp.asarray([ids], jnp.int32)
+            out, counts = generate_ids(model, prompt_ids, jax.random.key(seed), **method)
+        else:
+            out, counts = decode_from(model, logits, cache, jax.random.key(seed), **method)
         texts.append(tokenizer.decode(np.asarray(out[0, : int(counts[0])]).tolist()))
     return texts
 

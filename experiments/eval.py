@@ -44,7 +44,9 @@ from dashkv_jax.generate import generate_each  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
 
 SECTIONS = ("perplexity", "synthetic", "recall", "longbench")
-
+# Methods that evict tokens for good: recall, a measure of selection from the whole cache,
+# does not apply to them.
+EVICTING = ("h2o", "snapkv", "hashevict")
 # Generation budgets never go below 4 sinks + 64 window + 60 selected tokens (1/16 of 1K is 64).
 MIN_BUDGET = 128
 
@@ -194,7 +196,7 @@ def recall_section(model, tokenizer, config: EvalConfig, save, previous) -> list
             model,
             tokenizer,
             text,
-            methods=tuple(budgeted(config.methods)),
+            methods=tuple(m for m in budgeted(config.methods) if m not in EVICTING),
             context=context,
             budget=budget,
             tier2=config.tier2,

@@ -4,6 +4,7 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
+from dashkv_jax.attention.eviction import H2OAttention, HashEvictAttention, SnapKVAttention
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.sparse import (
@@ -20,6 +21,9 @@ BUDGETED = {
     "oracle": OracleAttention,
     "streaming": StreamingAttention,
     "quest": QuestAttention,
+    "h2o": H2OAttention,  # eviction: a cache of `budget` tokens (attention.eviction)
+    "snapkv": SnapKVAttention,
+    "hashevict": HashEvictAttention,
 }
 # Hashed selection, by the hasher kind each needs.
 HASHED = {"simhash": "simhash", "dashkv-symmetric": "symmetric", "dashkv": "asymmetric"}
@@ -79,6 +83,10 @@ def make_attention(
         known = {"dense_first", "dense_last"}
         if unknown := set(options) - known:
             raise DashKVError(f"--attention {method} takes no {', '.join(sorted(unknown))}")
+        if method == "hashevict":  # SimHash projections shaped like the model's heads
+            if model is None:
+                raise DashKVError("--attention hashevict needs the model its codes are for")
+            options["hasher"] = HashEvictAttention.projections(model.config)
         return BUDGETED[method](budget=budget, **options)
     hasher = method_hasher(method, model, hasher)
     c = hasher.config

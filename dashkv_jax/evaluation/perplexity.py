@@ -8,11 +8,14 @@ methods are compared by what they cost as well as by what they lose.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from dashkv_jax.attention.eviction import EvictionAttention
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.sparse import SparseAttention
 from dashkv_jax.errors import DashKVError
@@ -28,6 +31,8 @@ def decode_perplexity(model: Llama, ids: np.ndarray, attention: Attention | None
     every layer (the sandwich's exact layers included); per_layer holds each layer's.
     """
     attention = attention or FullAttention()
+    if isinstance(attention, EvictionAttention):  # no one-pass teacher forcing: step by step
+        return eviction_perplexity(model, ids, attention)
     if isinstance(attention, SparseAttention):
         attention = dataclasses.replace(attention, teacher_forced=True)
     ids = jnp.asarray(ids, jnp.int32)[None]
@@ -67,11 +72,67 @@ def layer_bytes(attention, exact, approx, n_tokens, config, dtype) -> np.ndarray
     layers = np.arange(config.num_layers)
     itemsize, d = jnp.dtype(dtype).itemsize, config.head_dim
     dense = np.ones(config.num_layers, bool)
-    if isinstance(attention, SparseAttention):
+    if isinstance(attention, SparseAttention | EvictionAttention):
         dense = np.asarray(attention.is_dense(layers, config.num_layers))
     full = FullAttention().step_bytes(exact, approx, n_tokens, d, itemsize)
     sparse = attention.step_bytes(exact, approx, n_tokens, d, itemsize)
     return np.where(dense, full, sparse).astype(np.float64)
+
+
+# -- eviction methods: one decode step per position ---------------------------------------------
+
+
+def eviction_perplexity(model: Llama, ids: np.ndarray, attention: EvictionAttention) -> dict:
+    """`decode_perplexity` of an eviction method, plus "cache_bytes" and "full_cache_bytes"
+    (its cache at the end, and a full one of the same context).
+
+    No one-pass teacher forcing here: what the cache holds at position p depends on every
+    eviction before p. The first token is prefilled and each later one decoded, one
+    `decode_step` per position in a `lax.scan`. SnapKV compresses only a prompt, so after a
+    one-token prompt it appends every token and equals full attention.
+    """
+    ids = jnp.asarray(ids, jnp.int32)[None]
+    t = ids.shape[1]
+    attention = attention.appending(t - 1)
+    nll, usage, cache = _decode_each_position(
+        model, ids, model.init_cache(1, t, attention), attention
+    )
+    nll = float(nll.mean())
+    # Position 0 (the prompt) reads itself in every layer; each later one what usage says.
+    usage = (np.asarray(usage).mean(axis=(2, 3)).sum(axis=0) + [1.0, 0.0]) / t  # [L, 2]
+    exact, approx = usage[:, 0], usage[:, 1]
+    step_bytes = layer_bytes(attention, exact, approx, (t + 1) / 2, model.config, cache.k.dtype)
+    return {
+        "perplexity": float(np.exp(nll)),
+        "nll": nll,
+        "tokens": t,
+        "exact_tokens": float(exact.mean()),
+        "approx_tokens": float(approx.mean()),
+        "bytes": float(step_bytes.mean()),
+        "cache_bytes": cache.cache_bytes,
+        "full_cache_bytes": cache.full_cache_bytes,
+        "per_layer": {
+            "exact_tokens": exact.round(2).tolist(),
+            "approx_tokens": approx.round(2).tolist(),
+            "bytes": step_bytes.round(1).tolist(),
+        },
+    }
+
+
+@functools.partial(nnx.jit, graph_updates=False, donate_argnames="cache")
+def _decode_each_position(model, ids, cache, attention):
+    """Prefill ids[:, :1], then decode ids[:, 1:] one by one -> (nll of each next token
+    [T - 1, B], usage of each decode step [T - 1, L, B, Hkv, 2], the final cache)."""
+    logits, cache = model.prefill(ids[:, :1], cache, attention)
+
+    def step(carry, token):  # token [B]: scored by the logits before it, then decoded
+        logits, cache = carry
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        logits, cache = model.decode_step(token, cache, attention)
+        return (logits, cache), (nll, cache.usage)
+
+    (_, cache), (nll, usage) = jax.lax.scan(step, (logits, cache), ids[:, 1:].T)
+    return nll, usage, cache
 
 
 def perplexity_report(
