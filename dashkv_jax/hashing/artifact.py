@@ -40,26 +40,24 @@ METADATA_FILE = "hasher.json"
 PARAMS_DIR = "params"
 # Trained encoders and statistics are O(1); a float32 written over with bytes of 0x7f is 3.4e38.
 MAX_ABS_WEIGHT = 1e10
-# The trained hashers of the bundled model, shipped in the repository (b = 128): DASH-KV's
-# asymmetric one, the default, and the symmetric (Spotlight-style) baseline.
+# The trained hashers of the bundled models, shipped in the repository (b = 128): for SmolLM2
+# DASH-KV's asymmetric one and the symmetric (Spotlight-style) baseline, for Gemma 3 DASH-KV's.
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 DEFAULT_HASHER = CHECKPOINTS / DEFAULT_MODEL
 DEFAULT_SYMMETRIC_HASHER = CHECKPOINTS / f"{DEFAULT_MODEL}-symmetric"
 
 
-def default_hasher_path(model: str = DEFAULT_MODEL) -> Path:
-    """The shipped hasher for a model name; only the bundled model has one."""
-    if model != DEFAULT_MODEL:
-        raise DashKVError(f"no shipped hasher for {model!r}: give --hasher PATH")
-    return DEFAULT_HASHER
-
-
-def shipped_for(model) -> bool:
-    """Whether the shipped hasher is the one for `model` (a `Llama`): its model id matches."""
-    try:
-        return read_metadata(DEFAULT_HASHER)["config"]["model_id"] == model.config.name
-    except DashKVError:
-        return False
+def shipped_hasher(model, kind: str = "asymmetric") -> Path | None:
+    """The hasher of `kind` shipped in checkpoints/ for `model` (a loaded model: its id is the
+    `model_id` the hasher was trained for), or None."""
+    for folder in sorted(CHECKPOINTS.iterdir()) if CHECKPOINTS.is_dir() else ():
+        try:
+            config = read_metadata(folder)["config"]
+        except DashKVError:  # a folder that is not a hasher, or one this code cannot read
+            continue
+        if config["model_id"] == model.config.name and config["kind"] == kind:
+            return folder
+    return None
 
 
 def short_error(err: BaseException) -> str:
