@@ -274,6 +274,10 @@ class EvictionAttention(FullAttention):
 
     # -- the model's calls -------------------------------------------------------------------
 
+    def prefill_chunk(self, cache, layer, q, k, v, start):
+        """Eviction chooses from the whole prompt's attention: no chunked prefill."""
+        raise DashKVError(f"{type(self).__name__} prefills whole prompts, not chunks")
+
     def prefill(self, cache, layer, q, k, v):
         is_dense, index, dense_write, compressed_write = self._indices(cache, layer)
         k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]

@@ -39,11 +39,12 @@ class KVCache:
         return self.k.shape[3]
 
 
-def write_prefill(cache: KVCache, layer: Array, k: Array, v: Array) -> KVCache:
-    """Write a prompt's k/v [B, T, Hkv, D] at positions 0..T-1 of one layer."""
+def write_prefill(cache: KVCache, layer: Array, k: Array, v: Array, start: Array = 0) -> KVCache:
+    """Write a prompt's (or a chunk's) k/v [B, T, Hkv, D] at positions start..start+T-1 of one
+    layer."""
     k_heads = k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype)  # [1, B, Hkv, T, D]
     v_heads = v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype)
-    start = (layer, 0, 0, 0, 0)
+    start = (layer, 0, 0, start, 0)
     return cache.replace(
         k=jax.lax.dynamic_update_slice(cache.k, k_heads, start),
         v=jax.lax.dynamic_update_slice(cache.v, v_heads, start),
@@ -103,6 +104,13 @@ class FullAttention:
         cache = write_token(cache, layer, k, v)
         return attend_all(cache, layer, q, self.chunk), cache
 
+    def prefill_chunk(self, cache, layer, q, k, v, start):
+        """A prompt's chunk at positions start..start+T-1 (the chunks before it already in the
+        cache): exact causal attention over the cache; q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
+        cache = write_prefill(cache, layer, k, v, start)
+        positions = start + jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+        return attend_all(cache, layer, q, positions=positions), cache
+
     def adopt(self, cache: KVCache) -> KVCache:
         return cache
 
@@ -127,49 +135,55 @@ def decode_chunk() -> int:
     return DECODE_CHUNKS.get(jax.default_backend(), ACCELERATOR_DECODE_CHUNK)
 
 
-def attend_all(cache: KVCache, layer: Array, q: Array, chunk: int | None = None) -> Array:
-    """Exact attention of one new query per row over every written slot; q [B,1,Hq,D].
+def attend_all(
+    cache: KVCache, layer: Array, q: Array, chunk: int | None = None, positions: Array | None = None
+) -> Array:
+    """Exact attention of queries q [B, T, Hq, D] at positions [B, T] (default: one new query
+    per row at `cache.lengths`) over every written slot up to each one's position.
 
-    An online softmax over chunks of `chunk` slots (default: `decode_chunk()`), up to the
-    longest row's last written slot (a cache longer than what is written costs nothing).
+    An online softmax over chunks of `chunk` slots (default: `decode_chunk()`, smaller for many
+    queries so a chunk's logits stay near 16 MiB), up to the last slot any query sees: a cache
+    longer than what is written costs nothing.
     """
-    b, _, hq, d = q.shape
+    b, t, hq, d = q.shape
     hkv, max_len = cache.k.shape[2], cache.max_len
-    qg = q.reshape(b, hkv, hq // hkv, d)
+    positions = cache.lengths[:, None] if positions is None else positions  # [B, T]
+    qg = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    chunk = chunk or max(256, min(decode_chunk(), (1 << 22) // (b * hq * t)))
     # Never the whole cache in one chunk: inside the model's layer scan, XLA:CPU then copies
     # the entire stacked cache at every layer (SmolLM2 at 4096 slots: 2 s a step, not 0.25).
-    chunk = min(chunk or decode_chunk(), max(max_len // 2, 1))
+    chunk = min(chunk, max(max_len // 2, 1))
 
     def read(start, cache_part):  # [B, Hkv, chunk, D] of one layer
         return jax.lax.dynamic_slice(cache_part, (layer, 0, 0, start, 0), (1, b, hkv, chunk, d))[0]
 
     def step(i, carry):
-        running_max, denominator, out = carry  # [B, Hkv, G], [B, Hkv, G], [B, Hkv, G, D]
+        running_max, denominator, out = carry  # [B, Hkv, G, T] twice, [B, Hkv, G, T, D]
         start = jnp.minimum(i * chunk, max_len - chunk)  # the last chunk may overlap the one before
         slots = start + jnp.arange(chunk)
-        visible = (slots[None, :] >= i * chunk) & (slots[None, :] <= cache.lengths[:, None])
+        visible = (slots >= i * chunk) & (slots <= positions[..., None])  # [B, T, chunk]
         logits = jnp.einsum(
-            "bhgd,bhsd->bhgs", qg, read(start, cache.k), preferred_element_type=jnp.float32
+            "bhgtd,bhsd->bhgts", qg, read(start, cache.k), preferred_element_type=jnp.float32
         )
-        logits = jnp.where(visible[:, None, None, :], logits * d**-0.5, -jnp.inf)
-        # Chunk 0 holds slot 0, visible in every row, so the running max is finite from there on.
+        logits = jnp.where(visible[:, None, None], logits * d**-0.5, -jnp.inf)
+        # Chunk 0 holds slot 0, visible to every query, so the running max is finite from there.
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         weights = jnp.exp(logits - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)
         values = read(start, cache.v)
         out = out * rescale[..., None] + jnp.einsum(
-            "bhgs,bhsd->bhgd", weights.astype(values.dtype), values,
+            "bhgts,bhsd->bhgtd", weights.astype(values.dtype), values,
             preferred_element_type=jnp.float32,
         )  # fmt: skip
         return new_max, denominator * rescale + weights.sum(axis=-1), out
 
-    group = qg.shape[:3]
+    group = qg.shape[:4]
     init = (
         jnp.full(group, -jnp.inf, jnp.float32),
         jnp.zeros(group, jnp.float32),
         jnp.zeros((*group, d), jnp.float32),
     )
-    n_chunks = jnp.max(cache.lengths) // chunk + 1  # through the chunk holding the newest slot
+    n_chunks = jnp.max(positions) // chunk + 1  # through the chunk holding the last slot seen
     _, denominator, out = jax.lax.fori_loop(0, n_chunks, step, init)
-    out = (out / denominator[..., None]).astype(cache.v.dtype)
-    return out.reshape(b, 1, hq, d)
+    out = (out / denominator[..., None]).astype(cache.v.dtype)  # [B, Hkv, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)

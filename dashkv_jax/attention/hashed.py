@@ -21,10 +21,10 @@ Per DASH-KV layer (all but the sandwich's first and last ones), KV head and deco
    not evicted. Sinks and the recent window are always exact.
 
 The approximate logits are fixed up to a constant per query (the softmax, and the KL loss that
-trains them, cannot see one); each step anchors them on the tokens whose exact logits it has,
-tier 1 and the window: a learned hasher adds the mean gap, SimHash fits a line (it has no
-learned scale). Every component can be switched off (`consensus`, `momentum`, `tier2=0`,
-`residual`) for the ablation.
+trains them, cannot see one); each step anchors them on tokens whose exact logits it has, the
+window and the oldest `ANCHORS` of tier 1: a learned hasher adds the mean gap, SimHash fits a
+line (it has no learned scale). Every component can be switched off (`consensus`, `momentum`,
+`tier2=0`, `residual`) for the ablation.
 
 The same class runs the hashed baselines at equal bits and tiers: SimHash (random projections,
 the paper's "naive LSH") and a symmetric learned hasher.
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
-from dashkv_jax.attention.full import KVCache, backend
+from dashkv_jax.attention.full import FullAttention, KVCache, backend
 from dashkv_jax.attention.sparse import (
     SparseAttention,
     SparseCache,
@@ -44,11 +44,13 @@ from dashkv_jax.attention.sparse import (
     middle_bounds,
 )
 from dashkv_jax.hashing.encoders import Hasher, group_agreement, popcount
+from pallas_kernels.reference import unfused
 
 Array = jax.Array
 # The asymmetric-scoring extension ranks real scores in distance steps of 1/ASYMMETRIC_STEPS.
 ASYMMETRIC_STEPS = 8
 DISTANCE_SENTINEL = pallas_kernels.DISTANCE_SENTINEL  # slots that are not selectable
+ANCHORS = 64  # tier-1 tokens (with the window) that anchor tier 2's logits
 
 
 @struct.dataclass
@@ -74,6 +76,9 @@ class HashedAttention(SparseAttention):
     residual: bool = struct.field(pytree_node=False, default=True)
     scoring: str = struct.field(pytree_node=False, default="hamming")
     implementation: str | None = struct.field(pytree_node=False, default=None)
+    # Decoding's fast path: a cache shorter than this many slots is read densely, the cheaper
+    # step there (0: never; `generate` sets the measured crossover, evaluations leave it off).
+    dense_below: int = struct.field(pytree_node=False, default=0)
 
     def __post_init__(self):
         SparseAttention.__post_init__(self)
@@ -131,10 +136,19 @@ class HashedAttention(SparseAttention):
         )
         return SparseAttention.prefill(self, cache, layer, q, k, v)
 
+    def prefill_chunk(self, cache, layer, q, k, v, start):
+        codes = self.hasher.encode_keys(k, layer).transpose(0, 2, 1, 3)  # [B, Hkv, T, W]
+        cache = cache.replace(
+            codes=jax.lax.dynamic_update_slice(cache.codes, codes[None], (layer, 0, 0, start, 0))
+        )
+        return SparseAttention.prefill_chunk(self, cache, layer, q, k, v, start)
+
     def decode(self, cache, layer, q, k, v):
         code = self.hasher.encode_keys(k[:, 0], layer)  # [B, Hkv, W]
         rows = jnp.arange(k.shape[0])
         cache = cache.replace(codes=cache.codes.at[layer, rows, :, cache.lengths].set(code))
+        if cache.max_len < self.dense_below:  # static: the whole decode is dense
+            return FullAttention.decode(self, cache, layer, q, k, v)
         return SparseAttention.decode(self, cache, layer, q, k, v)
 
     def adopt(self, cache: KVCache) -> CodeCache:
@@ -307,9 +321,11 @@ class HashedAttention(SparseAttention):
             tier2_ok = (tier2 >= offset) & (tier2 < offset + n)
             tier2_local = jnp.where(tier2_ok, tier2 - offset, -1)
             approx = self.approx_logits(cache, layer, query, tier2_local)  # [B, Hkv, G, K2]
-            # Anchors: the exact tokens but the sinks (whose keys are outliers).
-            anchor_ok = ok.at[:, :, : self.sinks].set(False)
-            sums = anchor_sums(self.approx_logits(cache, layer, query, local), logits, anchor_ok)
+            # Anchors: the window and the first ANCHORS tier-1 tokens (not the sinks, whose keys
+            # are outliers): enough for a per-head offset, a fixed cost at any context.
+            anchored = slice(self.sinks, self.sinks + self.window + ANCHORS)
+            at_anchors = unfused(self.approx_logits, cache, layer, query, local[..., anchored])
+            sums = anchor_sums(at_anchors, logits[..., anchored], local[..., anchored] >= 0)
             sums = sums if reduce is None else reduce(sums)
             approx = apply_anchor(approx, sums, fit_slope=self.fit_slope)
             logits = jnp.concatenate([logits, jnp.where(tier2_ok[:, :, None], approx, -jnp.inf)], 3)

@@ -158,6 +158,11 @@ class SparseAttention(FullAttention):
         )
         return out, self.with_position_state(self._record(cache, layer, usage), state)
 
+    def prefill_chunk(self, cache, layer, q, k, v, start):
+        if self.teacher_forced:  # every position attends through the method: one pass
+            raise ValueError("a teacher-forced prefill runs the whole text at once, not chunks")
+        return FullAttention.prefill_chunk(self, cache, layer, q, k, v, start)
+
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
         b, _, hq, d = q.shape

@@ -32,6 +32,10 @@ class Attention(Protocol):
     def prefill(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
         """Causal attention over a whole prompt written from position 0; q [B,T,Hq,D]."""
 
+    def prefill_chunk(self, cache, layer, q, k, v, start) -> tuple[Array, Any]:
+        """A chunk of a long prompt at positions start..start+T-1, the chunks before it in the
+        cache (`Llama.prefill(..., chunk=...)`); q [B,T,Hq,D], k/v [B,T,Hkv,D]."""
+
     def decode(self, cache, layer: Array, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
         """One new token per row at position `cache.lengths`; q [B,1,Hq,D], k/v [B,1,Hkv,D]."""
 

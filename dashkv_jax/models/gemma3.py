@@ -313,12 +313,19 @@ class Gemma3(nnx.Module):
             local_v=jnp.zeros(shape, dtype),
         )
 
-    def prefill(self, ids: Array, cache: Gemma3Cache, attention: Attention, all_logits=False):
+    def prefill(
+        self, ids: Array, cache: Gemma3Cache, attention: Attention, all_logits=False, chunk=None
+    ):
         """Run a prompt ids [B, T] into an empty cache -> (logits, cache).
 
         Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`.
+        The whole prompt runs at once (no `chunk`: a chunk's local layers would need the ring
+        buffers' window from the chunk before); blocked attention keeps its memory bounded, a
+        32K prompt peaks at 3 GB.
         """
         b, t = ids.shape
+        if chunk is not None and t > chunk:
+            raise ValueError("Gemma 3 prefills whole prompts, not chunks")
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
 
         def attend_local(rings, index, q, k, v):

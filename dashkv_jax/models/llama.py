@@ -176,16 +176,51 @@ class Llama(nnx.Module):
             )
         return attention.init_cache(self.config, batch, max_len, dtype or self.embed.dtype)
 
-    def prefill(self, ids: Array, cache, attention: Attention, all_logits=False):
+    def prefill(self, ids: Array, cache, attention: Attention, all_logits=False, chunk=None):
         """Run a prompt ids [B, T] into an empty cache -> (logits, cache).
 
         Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`.
+        With `chunk`, a prompt longer than that runs through the model `chunk` tokens at a time,
+        each chunk attending to the cache the ones before it wrote (`prefill_chunk`), so that
+        activations stay [B, chunk, ...] however long the prompt.
         """
         b, t = ids.shape
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x, cache = self._run_layers(self.embed[...][ids], positions, attention.prefill, cache)
+        if chunk is None or t <= chunk:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            x, cache = self._run_layers(self.embed[...][ids], positions, attention.prefill, cache)
+            cache = cache.replace(lengths=jnp.full((b,), t, jnp.int32))
+            return self._logits(x if all_logits else x[:, -1]), cache
+
+        def run_chunk(cache, start, chunk_ids):  # -> (hidden [B, c, E] of the chunk, cache)
+            positions = start + jnp.broadcast_to(jnp.arange(chunk_ids.shape[1]), chunk_ids.shape)
+
+            def attend(cache, layer, q, k, v):
+                return attention.prefill_chunk(cache, layer, q, k, v, start)
+
+            return self._run_layers(self.embed[...][chunk_ids], positions, attend, cache)
+
+        whole = t // chunk * chunk  # full chunks in a scan, then the remainder
+
+        def step(cache, xs):
+            start, chunk_ids = xs
+            x, cache = run_chunk(cache, start, chunk_ids)
+            return cache, x if all_logits else x[:, -1]
+
+        starts = jnp.arange(0, whole, chunk)
+        chunks = ids[:, :whole].reshape(b, -1, chunk).transpose(1, 0, 2)  # [n, B, c]
+        cache, hidden = jax.lax.scan(step, cache, (starts, chunks))
+        if whole < t:
+            x, cache = run_chunk(cache, jnp.int32(whole), ids[:, whole:])
+            last = x if all_logits else x[:, -1]
+        else:
+            last = None
+        if all_logits:
+            hidden = hidden.transpose(1, 0, 2, 3).reshape(b, whole, -1)  # [B, whole, E]
+            hidden = hidden if last is None else jnp.concatenate([hidden, last], axis=1)
+        else:
+            hidden = hidden[-1] if last is None else last
         cache = cache.replace(lengths=jnp.full((b,), t, jnp.int32))
-        return self._logits(x if all_logits else x[:, -1]), cache
+        return self._logits(hidden), cache
 
     def decode_step(self, tokens: Array, cache, attention: Attention):
         """One token per row, tokens [B] -> (logits [B, V], cache advanced by one)."""
@@ -214,10 +249,11 @@ def forward(model, ids: Array) -> Array:
     return model(ids)
 
 
-@functools.partial(_jit, static_argnames="all_logits", donate_argnames="cache")
-def prefill(model, ids: Array, cache, attention: Attention, all_logits: bool = False):
-    """`model.prefill`: a prompt ids [B, T] into an empty cache -> (logits, cache)."""
-    return model.prefill(ids, cache, attention, all_logits=all_logits)
+@functools.partial(_jit, static_argnames=("all_logits", "chunk"), donate_argnames="cache")
+def prefill(model, ids: Array, cache, attention: Attention, all_logits: bool = False, chunk=None):
+    """`model.prefill`: a prompt ids [B, T] into an empty cache -> (logits, cache), `chunk`
+    tokens at a time if given."""
+    return model.prefill(ids, cache, attention, all_logits=all_logits, chunk=chunk)
 
 
 @functools.partial(_jit, donate_argnames="cache")
