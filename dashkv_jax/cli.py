@@ -186,6 +186,12 @@ def _add_perplexity_parser(commands) -> None:
         help="comma-separated methods (default: full,simhash,dashkv)",
     )
     _add_method_args(ppl)
+    ppl.add_argument(
+        "--equal-bytes",
+        action="store_true",
+        help="give every budget method that is not hashed the token budget whose bytes per step "
+        "match DASH-KV's at --budget and --tier2 (equal work, not equal tokens)",
+    )
 
 
 def _info(args) -> None:
@@ -287,6 +293,7 @@ def _perplexity(args) -> None:
         tier2=args.tier2,
         hasher=args.hasher,
         symmetric=args.symmetric,
+        equal_bytes=args.equal_bytes,
     )
     report["text_file"] = str(args.text_file)
     print(json.dumps(report, indent=2) if args.json else perplexity.format_report(report))

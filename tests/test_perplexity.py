@@ -64,3 +64,20 @@ def test_what_each_method_reads(smollm2, ids):
     want = 200.5 * 16 + exact * 2 * 64 * 4 + approx * (64 * 4 + 16)
     assert hashed["per_layer"]["bytes"][2] == pytest.approx(want, rel=1e-4)
     assert hashed["perplexity"] < 1.2 * oracle["perplexity"]
+
+
+def test_equal_bytes_budgets_read_what_dashkv_reads(smollm2):
+    """At 8K tokens DASH-KV (256 exact, 512 in tier 2, 128-bit codes) reads 401,408 bytes per
+    step and KV head: 128 KiB of codes, 128 KiB of K and V, 136 KiB of tier 2's V and codes.
+    The oracle matches it with 784 tokens (512 bytes each); Quest also reads its pages' bounds
+    (512 pages of 512 bytes), leaving room for 272 tokens."""
+    from dashkv_jax.attention.methods import equal_bytes_budget, make_attention
+
+    model, _ = smollm2
+    hasher = simhash(HasherConfig.for_model(model.config, bits=128))
+    dashkv = make_attention("simhash", 256, model, hasher=hasher, tier2=512)
+    assert dashkv.step_bytes(256, 512, 8192, 64, 4) == 401_408
+    assert equal_bytes_budget("oracle", model, dashkv, 8192) == 784
+    assert equal_bytes_budget("quest", model, dashkv, 8192) == 272
+    h2o = equal_bytes_budget("h2o", model, dashkv, 8192)
+    assert h2o < 784  # its 4-byte score per token counts too

@@ -100,28 +100,27 @@ def make_attention(
 
 def method_hasher(method: str, model, hasher) -> Hasher:
     """The hasher hashed `method` runs with: `hasher` (a `Hasher` or an artifact path, checked
-    against `model`), else the one shipped for the bundled model. `simhash` builds random
-    projections with the bits, tiers and sandwich of `hasher` (an asymmetric one), of the
-    shipped one for the bundled model, or the defaults for another model."""
-    from dashkv_jax.hashing.artifact import (
-        DEFAULT_HASHER,
-        DEFAULT_SYMMETRIC_HASHER,
-        load_hasher,
-        shipped_for,
-    )
+    against `model`), else the one shipped for `model` in checkpoints/. `simhash` builds random
+    projections with the bits, tiers and sandwich of `hasher` (an asymmetric one) or of the
+    shipped one, or the defaults for a model without one."""
+    from dashkv_jax.hashing.artifact import load_hasher, shipped_hasher
 
     if model is None:
         raise DashKVError(f"--attention {method} needs the model its hasher must fit")
     kind = HASHED[method]
     if kind == "simhash" and not (isinstance(hasher, Hasher) and hasher.config.kind == kind):
-        if hasher is None and shipped_for(model):
-            hasher = DEFAULT_HASHER
+        hasher = hasher if hasher is not None else shipped_hasher(model)
         if hasher is None:
             return simhash(HasherConfig.for_model(model.config))
         reference = hasher if isinstance(hasher, Hasher) else load_hasher(hasher, model)
         return simhash(reference.config)
-    if hasher is None:  # the ones shipped for the bundled model; load_hasher checks the fit
-        hasher = DEFAULT_HASHER if kind == "asymmetric" else DEFAULT_SYMMETRIC_HASHER
+    if hasher is None:
+        hasher = shipped_hasher(model, kind)
+        if hasher is None:
+            raise DashKVError(
+                f"no {kind} hasher is shipped for {model.config.name!r}: give --hasher DIR "
+                "(experiments/train.py trains one)"
+            )
     if not isinstance(hasher, Hasher):
         hasher = load_hasher(hasher, model)
     if hasher.config.kind != kind:
@@ -140,18 +139,24 @@ def make_methods(
     hasher=None,
     symmetric=None,
     options: dict | None = None,
+    equal_bytes: bool = False,
 ) -> dict:
     """{name: backend} for method names compared side by side on a `context`-token text, at an
     exact `budget` and `tier2` approximate tokens (fractions of `context` or counts; tier 2
     defaults to the dashkv hasher's). SimHash gets the dashkv hasher's bits, tiers and
     sandwich; `options` go to every budget method that takes them (dense layers to all, the
     rest to hashed ones). `budget` may be None when every name is "full".
+
+    With `equal_bytes`, every budget method that is not hashed gets the token budget whose
+    bytes per step and KV head (`step_bytes`, at the whole context) match DASH-KV's at `budget`
+    and `tier2`: the hashed ones read codes and tier 2's V besides their exact tokens, so equal
+    token budgets are not equal work.
     """
     from dashkv_jax.hashing.encoders import simhash
 
     options = options or {}
     hashers, approx = {}, 0
-    if any(name in HASHED for name in names):
+    if any(name in HASHED for name in names) or equal_bytes:
         reference = method_hasher("dashkv", model, hasher)
         fraction = reference.config.tier2 if tier2 is None else str(tier2)
         approx = parse_budget(fraction, context, allow_zero=True)
@@ -167,8 +172,25 @@ def make_methods(
             continue
         if budget is None:
             raise DashKVError(f"--attention {name} needs a --budget")
+        tokens = parse_budget(str(budget), context)
         kwargs = {k: v for k, v in options.items() if k.startswith("dense")}
         if name in hashers:
             kwargs = {"hasher": hashers[name], "tier2": approx, **options}
-        methods[name] = make_attention(name, parse_budget(str(budget), context), model, **kwargs)
+        elif equal_bytes:
+            dashkv = make_attention("dashkv", tokens, model, hasher=reference, tier2=approx)
+            tokens = equal_bytes_budget(name, model, dashkv, context, **kwargs)
+        methods[name] = make_attention(name, tokens, model, **kwargs)
     return methods
+
+
+def equal_bytes_budget(name: str, model, reference, context: int, **options) -> int:
+    """The token budget at which method `name` reads per step and KV head what `reference`
+    reads at its own budget and tier 2, over a `context`-token cache (`step_bytes` is linear
+    in the tokens read: solved for them)."""
+    d, itemsize = model.config.head_dim, model.embed[...].dtype.itemsize
+    target = reference.step_bytes(reference.budget, reference.tier2, context, d, itemsize)
+    floor = SparseAttention.sinks + SparseAttention.window + 1
+    probe = make_attention(name, floor, model, **options)
+    base = probe.step_bytes(0, 0, context, d, itemsize)
+    per_token = probe.step_bytes(1, 0, context, d, itemsize) - base
+    return int(min(max((target - base) // per_token, floor), context))

@@ -147,10 +147,12 @@ def perplexity_report(
     hasher=None,
     symmetric=None,
     options: dict | None = None,
+    equal_bytes: bool = False,
 ) -> dict:
     """Decode-mode perplexity of the first `context` tokens of `text` through each method (see
-    `attention.methods.make_methods` for the settings) -> a JSON-ready dict: the settings and,
-    per method, `decode_perplexity`'s figures."""
+    `attention.methods.make_methods` for the settings, `equal_bytes` among them) -> a
+    JSON-ready dict: the settings and, per method, `decode_perplexity`'s figures and its token
+    budget."""
     from dashkv_jax.attention.methods import make_methods
 
     bos = model.config.bos_token_id
@@ -164,13 +166,19 @@ def perplexity_report(
             f"the text has {len(ids)} tokens, fewer than the context of {context}: give a "
             "longer text or a smaller --context"
         )
-    attentions = make_methods(model, methods, context, budget, tier2, hasher, symmetric, options)
+    attentions = make_methods(
+        model, methods, context, budget, tier2, hasher, symmetric, options, equal_bytes
+    )
     window = np.asarray(ids[:context], np.int32)
-    results = {name: decode_perplexity(model, window, a) for name, a in attentions.items()}
+    results = {
+        name: {**decode_perplexity(model, window, a), "budget": getattr(a, "budget", None)}
+        for name, a in attentions.items()
+    }
     budgeted = [a for a in attentions.values() if hasattr(a, "budget")]
     return {
         "model": model.config.name,
         "context": context,
+        "equal_bytes": equal_bytes,
         "budget": budgeted[0].budget if budgeted else None,
         "tier2": max((getattr(a, "tier2", 0) for a in budgeted), default=0),
         "methods": results,
@@ -182,11 +190,12 @@ def format_report(report: dict) -> str:
     rows = [
         f"context {report['context']}, exact budget {report['budget']}, tier 2 {report['tier2']}"
         ", means per KV head and step over positions and layers",
-        f"{'method':<18} {'perplexity':>10} {'exact':>8} {'approx':>8} {'bytes':>10}",
+        f"{'method':<18} {'budget':>7} {'perplexity':>10} {'exact':>8} {'approx':>8} {'bytes':>10}",
     ]
     for name, m in report["methods"].items():
+        budget = "all" if m["budget"] is None else str(m["budget"])
         rows.append(
-            f"{name:<18} {m['perplexity']:>10.3f} {m['exact_tokens']:>8.1f}"
+            f"{name:<18} {budget:>7} {m['perplexity']:>10.3f} {m['exact_tokens']:>8.1f}"
             f" {m['approx_tokens']:>8.1f} {m['bytes']:>10.0f}"
         )
     return "\n".join(rows)
