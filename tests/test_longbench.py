@@ -1,5 +1,6 @@
-"""LongBench: the official metrics on hand-computed cases, and the runner end to end on a small
-fixture in the official format (tests/fixtures/longbench) with the bundled model."""
+"""LongBench: the official metrics and the paper's on hand-computed cases, and the runner end to
+end, under both protocols, on a small fixture in the official format (tests/fixtures/longbench)
+with the bundled model."""
 
 import hashlib
 import json
@@ -14,17 +15,22 @@ from dashkv_jax.evaluation.longbench import (
     FIELDS,
     MAX_NEW_TOKENS,
     NO_CHAT_TASKS,
+    PAPER_TASKS,
     PROMPTS,
+    PROTOCOLS,
     build_prompt,
     load_longbench,
     run_longbench,
     truncate_middle,
 )
 from dashkv_jax.evaluation.metrics import (
+    PAPER_TASK_METRICS,
+    PROTOCOL_METRICS,
     TASK_METRICS,
     classification_score,
     code_sim_score,
     count_score,
+    exact_match_score,
     mean_score,
     normalize_answer,
     normalize_zh_answer,
@@ -34,10 +40,13 @@ from dashkv_jax.evaluation.metrics import (
     retrieval_zh_score,
     rouge_l_score,
     score_prediction,
+    task_metric,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 FIXTURE_TASKS = ("hotpotqa", "gov_report", "trec", "lcc")
+# With hotpotqa and gov_report above, the paper's six tasks.
+PAPER_FIXTURE_TASKS = ("narrativeqa", "qasper", "multi_news", "triviaqa")
 
 
 # Metrics --------------------------------------------------------------------------------------
@@ -124,6 +133,60 @@ def test_count_and_retrieval_scores():
         retrieval_score("Paragraph 1", "the first one")
 
 
+def test_exact_match_score():
+    # Both sides normalised as LongBench normalises answers: lowercased, punctuation and the
+    # articles out, whitespace collapsed. "The Eiffel Tower." -> "eiffel tower".
+    assert exact_match_score("The Eiffel Tower.", "eiffel  tower") == 1.0
+    assert exact_match_score("an Apple", "apple!") == 1.0
+    # Anything more or less is a miss, however close: "eiffel tower in paris" != "eiffel tower"
+    # (its F1 would be 2 * (2/4) * 1 / (2/4 + 1) = 2/3).
+    assert exact_match_score("Eiffel Tower in Paris", "Eiffel Tower") == 0.0
+    assert qa_f1_score("Eiffel Tower in Paris", "Eiffel Tower") == pytest.approx(2 / 3)
+    assert exact_match_score("Tower Eiffel", "Eiffel Tower") == 0.0  # order matters
+    assert exact_match_score("", "Eiffel Tower") == 0.0
+
+
+def test_the_paper_protocol_is_its_six_tasks_f1_and_triviaqa_em():
+    # The paper's Table 1, in its order: NarrativeQA, HotpotQA, Qasper, MultiNews, GovReport by
+    # F1, TriviaQA by exact match.
+    assert PAPER_TASKS == tuple(PAPER_TASK_METRICS) == (
+        "narrativeqa", "hotpotqa", "qasper", "multi_news", "gov_report", "triviaqa"
+    )  # fmt: skip
+    assert {t: m.__name__ for t, m in PAPER_TASK_METRICS.items()} == {
+        "narrativeqa": "qa_f1_score", "hotpotqa": "qa_f1_score", "qasper": "qa_f1_score",
+        "multi_news": "qa_f1_score", "gov_report": "qa_f1_score", "triviaqa": "exact_match_score",
+    }  # fmt: skip
+    # The official protocol is unchanged: ROUGE-L for the summaries, F1 for TriviaQA.
+    assert PROTOCOL_METRICS["official"] is TASK_METRICS
+    assert TASK_METRICS["gov_report"] is rouge_l_score is TASK_METRICS["multi_news"]
+    assert TASK_METRICS["triviaqa"] is qa_f1_score
+    assert set(PROTOCOLS) == set(PROTOCOL_METRICS) == {"official", "paper"}
+    assert PROTOCOLS["paper"].tasks == PAPER_TASKS and PROTOCOLS["paper"].context == 32768
+    assert PROTOCOLS["official"].context is None
+    with pytest.raises(DashKVError, match="does not score 'trec'"):
+        task_metric("trec", "paper")
+    with pytest.raises(DashKVError, match="unknown LongBench protocol 'nope'"):
+        task_metric("hotpotqa", "nope")
+
+
+def test_score_prediction_under_each_protocol():
+    # TriviaQA keeps the first line under both. "Collins piloted it" against "Michael Collins":
+    # official F1: 1 shared token, P = 1/3, R = 1/2, F1 = 2 * (1/6) / (5/6) = 0.4; paper EM: 0.
+    few_shot = "Collins piloted it\nPassage: Aruba is an island."
+    answers = ["Michael Collins", "Mike Collins"]
+    assert score_prediction("triviaqa", few_shot, answers) == pytest.approx(0.4)
+    assert score_prediction("triviaqa", few_shot, answers, protocol="paper") == 0.0
+    # The best answer counts: "collins" alone matches no alias exactly, "Mike Collins." does.
+    assert score_prediction("triviaqa", "Mike Collins.\nmore", answers, protocol="paper") == 1.0
+    # GovReport: official ROUGE-L 0.8 (test_rouge_l_score); paper F1 on normalised tokens
+    # [cat sat on mat] and [cat lay on mat]: 3 shared, P = R = 3/4, F1 = 0.75.
+    pred, truth = "the cat sat on the mat", "the cat lay on the mat"
+    assert score_prediction("gov_report", pred, [truth]) == pytest.approx(0.8)
+    assert score_prediction("gov_report", pred, [truth], protocol="paper") == pytest.approx(0.75)
+    with pytest.raises(DashKVError, match="paper protocol does not score 'lcc'"):
+        score_prediction("lcc", "x", ["x"], protocol="paper")
+
+
 def test_normalize_zh_answer():
     assert normalize_zh_answer("你好，世界！ OK") == "你好世界ok"
 
@@ -177,7 +240,7 @@ def test_templates_and_lengths_are_the_official_ones():
 
 
 def test_load_the_fixture():
-    for task in FIXTURE_TASKS:
+    for task in FIXTURE_TASKS + PAPER_FIXTURE_TASKS:
         samples = load_longbench(task, FIXTURE)
         assert len(samples) == 2
         assert all(set(FIELDS) <= set(s) and s["dataset"] == task for s in samples)
@@ -189,8 +252,8 @@ def test_bad_data_is_refused(tmp_path, monkeypatch):
         load_longbench("hotpot", FIXTURE)
     with pytest.raises(DashKVError, match="no such LongBench data folder"):
         load_longbench("trec", tmp_path / "missing")
-    with pytest.raises(DashKVError, match=r"no qasper.jsonl .*hotpotqa"):
-        load_longbench("qasper", FIXTURE)
+    with pytest.raises(DashKVError, match=r"no musique.jsonl .*hotpotqa"):
+        load_longbench("musique", FIXTURE)
     (tmp_path / "trec.jsonl").write_text(json.dumps({"input": "q", "context": "c"}) + "\n")
     with pytest.raises(DashKVError, match="not LongBench's format"):
         load_longbench("trec", tmp_path)
@@ -271,6 +334,111 @@ def test_runner_truncates_to_the_context_less_the_generation(smollm2, monkeypatc
     assert samples[0]["score"] == 100.0  # the fake answer is the first sample's answer
 
 
+def test_paper_protocol_runs_its_six_tasks_and_scores_both(smollm2, monkeypatch):
+    model, tokenizer = smollm2
+    sent = []
+
+    def fake_generate(model, tokenizer, prompt, **kwargs):
+        sent.append(prompt)
+        return "Michael Collins"
+
+    monkeypatch.setattr(longbench, "generate", fake_generate)
+    # No tasks given: the protocol's own six, in the paper's order.
+    report = run_longbench(
+        model, tokenizer, data=FIXTURE, protocol="paper", max_new_tokens=8, progress=False
+    )
+    assert report["protocol"] == "paper" and list(report["tasks"]) == list(PAPER_TASKS)
+    assert report["context"] == model.config.max_position  # the paper's 32K, capped at 8K
+    trivia = report["tasks"]["triviaqa"]
+    assert trivia["metric"] == "exact_match_score"
+    assert trivia["metrics"] == {"official": "qa_f1_score", "paper": "exact_match_score"}
+    # "Michael Collins" is the first sample's answer (100 under both), not the second's (0).
+    assert [s["scores"] for s in trivia["samples"]] == [
+        {"official": 100.0, "paper": 100.0}, {"official": 0.0, "paper": 0.0}
+    ]  # fmt: skip
+    assert trivia["score"] == trivia["scores"]["paper"] == 50.0
+    for task, result in report["tasks"].items():
+        assert result["metric"] == PAPER_TASK_METRICS[task].__name__
+        assert result["metrics"]["official"] == TASK_METRICS[task].__name__
+        for sample in result["samples"]:
+            answers = sample["answers"]
+            paper = score_prediction(task, "Michael Collins", answers, protocol="paper")
+            official = score_prediction(task, "Michael Collins", answers)
+            assert sample["score"] == sample["scores"]["paper"] == round(100 * paper, 2)
+            assert sample["scores"]["official"] == round(100 * official, 2)
+            assert sample["budget_tokens"] is None  # full attention
+    for protocol in ("paper", "official"):
+        task_scores = [r["scores"][protocol] for r in report["tasks"].values()]
+        mean = sum(task_scores) / len(task_scores)
+        assert report["averages"][protocol] == pytest.approx(mean, abs=0.01)
+    assert report["average"] == report["averages"]["paper"]
+    # Chat templates where LongBench uses them: every task but the few-shot triviaqa.
+    assert len(sent) == 12
+    assert [p.startswith("<|im_start|>system") for p in sent] == [True] * 10 + [False] * 2
+
+    # A context of 300 tokens: every prompt cut in the middle to 300 less the generation.
+    sent.clear()
+    report = run_longbench(
+        model, tokenizer, ["qasper"], data=FIXTURE, protocol="paper", context=300,
+        max_new_tokens=8, progress=False,
+    )  # fmt: skip
+    assert report["context"] == 300
+    samples = report["tasks"]["qasper"]["samples"]
+    assert all(s["truncated"] and s["prompt_tokens"] + 8 <= 300 for s in samples)
+    assert all(p.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n") for p in sent)
+
+
+def test_official_protocol_reports_the_papers_scores_where_it_has_them(smollm2, monkeypatch):
+    model, tokenizer = smollm2
+    monkeypatch.setattr(longbench, "generate", lambda *args, **kwargs: "James Lovell")
+    report = run_longbench(
+        model, tokenizer, ["hotpotqa", "trec"], data=FIXTURE, max_new_tokens=8, progress=False
+    )
+    assert report["protocol"] == "official"
+    hotpotqa, trec = report["tasks"]["hotpotqa"], report["tasks"]["trec"]
+    assert hotpotqa["metric"] == "qa_f1_score" and set(hotpotqa["scores"]) == {"official", "paper"}
+    assert trec["metrics"] == {"official": "classification_score"}  # the paper has no trec
+    assert report["averages"]["paper"] is None  # it would skip trec
+    assert report["average"] == report["averages"]["official"]
+
+
+def test_equal_bytes_gives_a_budget_method_dashkvs_bytes_per_sample(smollm2, monkeypatch):
+    from dashkv_jax.attention.methods import equal_bytes_budget, make_attention, method_hasher
+
+    model, tokenizer = smollm2
+    backends = []
+
+    def fake_generate(model, tokenizer, prompt, **kwargs):
+        backends.append((len(tokenizer.encode(prompt).ids) + kwargs["max_new_tokens"], kwargs))
+        return "James Lovell"
+
+    monkeypatch.setattr(longbench, "generate", fake_generate)
+    common = {"data": FIXTURE, "attention": "streaming", "budget": "1/4", "max_new_tokens": 8,
+              "progress": False}  # fmt: skip
+    report = run_longbench(model, tokenizer, ["hotpotqa"], equal_bytes=True, **common)
+    assert report["equal_bytes"] is True
+    dashkv = method_hasher("dashkv", model, None)
+    samples = report["tasks"]["hotpotqa"]["samples"]
+    for (context, kwargs), sample in zip(backends, samples, strict=True):
+        # DASH-KV at a quarter of this sample's context, tier 2 at its hasher's 1/16.
+        tokens, approx = -(-context // 4), -(-context // 16)
+        reference = make_attention("dashkv", tokens, model, hasher=dashkv, tier2=approx)
+        matched = equal_bytes_budget("streaming", model, reference, context)
+        assert kwargs["attention"].budget == sample["budget_tokens"] == matched > tokens
+    backends.clear()
+    report = run_longbench(model, tokenizer, ["hotpotqa"], **common)  # equal tokens
+    assert report["equal_bytes"] is False
+    samples = report["tasks"]["hotpotqa"]["samples"]
+    for (context, kwargs), sample in zip(backends, samples, strict=True):
+        assert sample["budget_tokens"] == -(-context // 4)
+        assert kwargs["attention"] == "streaming" and kwargs["budget"] == str(-(-context // 4))
+    # A floor under a fractional budget: a sample never reads fewer than `min_budget` tokens.
+    backends.clear()
+    report = run_longbench(model, tokenizer, ["hotpotqa"], min_budget=400, **common)
+    assert [s["budget_tokens"] for s in report["tasks"]["hotpotqa"]["samples"]] == [400, 400]
+    assert [kwargs["budget"] for _, kwargs in backends] == ["400", "400"]
+
+
 # The runner on the real model -----------------------------------------------------------------
 
 
@@ -278,7 +446,7 @@ def _check_report(report: dict, tasks, attention: str) -> None:
     assert json.loads(json.dumps(report)) == report  # JSON-able as is
     assert report["attention"] == attention and list(report["tasks"]) == list(tasks)
     for task, result in report["tasks"].items():
-        assert result["metric"] == TASK_METRICS[task].__name__
+        assert result["metric"] == PROTOCOL_METRICS[report["protocol"]][task].__name__
         assert 0.0 <= result["score"] <= 100.0
         scores = [s["score"] for s in result["samples"]]
         assert all(0.0 <= s <= 100.0 for s in scores)
@@ -337,8 +505,27 @@ def test_run_a_budgeted_method_on_the_fixture(smollm2):
     assert all(len(r["samples"]) == 1 for r in report["tasks"].values())
 
 
+def test_run_the_paper_protocol_on_the_fixture(smollm2):
+    model, tokenizer = smollm2
+    tasks = ("qasper", "triviaqa")
+    report = run_longbench(
+        model, tokenizer, tasks, protocol="paper", data=FIXTURE, limit=1, max_new_tokens=8,
+        progress=False,
+    )  # fmt: skip
+    _check_report(report, tasks, "full")
+    assert report["tasks"]["triviaqa"]["metric"] == "exact_match_score"
+    for result in report["tasks"].values():
+        assert set(result["scores"]) == {"official", "paper"}
+        assert all(0.0 <= s["scores"]["official"] <= 100.0 for s in result["samples"])
+
+
 def test_runner_refuses_bad_options(smollm2):
     model, tokenizer = smollm2
+    with pytest.raises(DashKVError, match="unknown LongBench protocol 'nope'"):
+        run_longbench(model, tokenizer, ["hotpotqa"], data=FIXTURE, protocol="nope")
+    # The paper gives trec no metric: refused before any sample is read.
+    with pytest.raises(DashKVError, match="paper protocol does not score 'trec'"):
+        run_longbench(model, tokenizer, ["hotpotqa", "trec"], data=FIXTURE, protocol="paper")
     with pytest.raises(DashKVError, match="unknown LongBench task"):
         run_longbench(model, tokenizer, ["hotpotqa", "nope"], data=FIXTURE)
     with pytest.raises(DashKVError, match="no LongBench tasks"):

@@ -7,17 +7,34 @@ budget="1/32")` follows LongBench's `pred.py` and `eval.py`:
   from a folder of the official `data/*.jsonl` files (the unzipped `data.zip` of that Hub repo;
   the Hub copy is a loading-script dataset that `datasets` >= 4 no longer runs);
 - the prompt is the task's official template (`PROMPTS`) filled with the sample's `context` and
-  `input`, cut in the middle when it is longer than the model's context less the generation
-  length: the first and last halves of its tokens are kept, since instructions sit at both ends;
+  `input`, cut in the middle when it is longer than the context less the generation length: the
+  first and last halves of its tokens are kept, since instructions sit at both ends;
 - chat models get their chat template, except on the few-shot and code tasks (`NO_CHAT_TASKS`);
 - decoding is greedy, for the task's official number of tokens (`MAX_NEW_TOKENS`);
-- each prediction is scored by the task's official metric (`dashkv_jax.evaluation.metrics`),
-  best over the sample's answers, and a task's score is the mean x100.
+- each prediction is scored by the protocol's metric (`dashkv_jax.evaluation.metrics`), best
+  over the sample's answers, and a task's score is the mean x100.
+
+Two protocols (`PROTOCOLS`, `protocol=`), which differ only in tasks, metrics and context:
+
+- "official": LongBench's, each task's official metric (ROUGE-L for the summaries, F1 for
+  TriviaQA...), prompts cut to the model's context; by default its English tasks;
+- "paper": the DASH-KV paper's Table 1: NarrativeQA, HotpotQA, Qasper, MultiNews and GovReport
+  scored by F1 (LongBench's `qa_f1_score`) and TriviaQA by exact match (`exact_match_score`),
+  prompts cut to 32K tokens (or the model's context, when shorter), chat templates as above.
+  Other tasks are refused: the paper gives them no metric.
+
+Every report carries, beside each task's score under its protocol, its score under the other
+protocol when that one scores the task (the same predictions, scored again: no generation).
+With the official data (the unzipped `data.zip` of THUDM/LongBench; its `data` folder holds
+`narrativeqa.jsonl`, ...), the paper's protocol for every method is
+
+    python experiments/eval.py --sections longbench --longbench-data DIR --longbench-protocol paper
 
 One difference: on samsum LongBench also stops generating at a newline; here the model runs to
 its end-of-sequence token or the limit, and the first line is scored either way.
 """
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +43,23 @@ import datasets
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from dashkv_jax.attention.methods import HASHED, METHODS, method_hasher
+from dashkv_jax.attention.methods import (
+    BUDGETED,
+    HASHED,
+    METHODS,
+    make_methods,
+    method_hasher,
+    parse_budget,
+)
 from dashkv_jax.data import check_utf8
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.evaluation.metrics import TASK_METRICS, mean_score, score_prediction
+from dashkv_jax.evaluation.metrics import (
+    PAPER_TASK_METRICS,
+    PROTOCOL_METRICS,
+    mean_score,
+    score_prediction,
+    task_metric,
+)
 from dashkv_jax.generate import generate
 from dashkv_jax.models.llama import Llama
 from dashkv_jax.models.tokenizer import render_chat
@@ -232,6 +262,29 @@ MAX_NEW_TOKENS = {
 NO_CHAT_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a LongBench run chooses its tasks, cuts its prompts and scores its predictions (the
+    metrics: `dashkv_jax.evaluation.metrics.PROTOCOL_METRICS[name]`)."""
+
+    name: str
+    tasks: tuple[str, ...]  # what runs when no tasks are given
+    context: int | None  # prompt + generation tokens at most; None: the model's context
+    source: str  # where the protocol is written down
+
+
+PAPER_TASKS = tuple(PAPER_TASK_METRICS)  # narrativeqa, hotpotqa, qasper, multi_news, ...
+PROTOCOLS = {
+    "official": Protocol(
+        "official", ENGLISH_TASKS, None, "THUDM/LongBench pred.py and eval.py, metrics.py"
+    ),
+    # The paper truncates at 32K; a model with a shorter context gets its own.
+    "paper": Protocol(
+        "paper", PAPER_TASKS, 32768, "DASH-KV paper, Table 1 (six tasks; F1, TriviaQA: EM)"
+    ),
+}
+
+
 def load_longbench(
     task: str, data: str | Path | None = None, *, hub: str = HUB_DATASET
 ) -> list[dict]:
@@ -310,14 +363,18 @@ def build_prompt(
 def run_longbench(
     model: Llama,
     tokenizer: Tokenizer,
-    tasks: Sequence[str],
+    tasks: Sequence[str] | None = None,
     *,
+    protocol: str = "official",
     data: str | Path | None = None,
     hub: str = HUB_DATASET,
     attention: str = "full",
     budget: str | int | None = None,
     hasher=None,
     tier2: str | int | None = None,
+    equal_bytes: bool = False,
+    min_budget: int = 0,
+    context: int | None = None,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     chat: bool | None = None,
@@ -327,76 +384,123 @@ def run_longbench(
 
     Args:
       model, tokenizer: as from `dashkv_jax.load_model`.
-      tasks: names from `TASKS`.
+      tasks: names from `TASKS` that `protocol` scores; None: the protocol's own tasks.
+      protocol: "official" or "paper" (`PROTOCOLS`, module docstring).
       data, hub: where the samples come from (see `load_longbench`).
       attention, budget, hasher, tier2: the attention method, as for
         `dashkv_jax.generate.generate` (a fractional budget is of each sample's own context).
+      equal_bytes: a budget method that is not hashed gets, per sample, the token budget at
+        which it reads per step what DASH-KV reads at `budget` and `tier2`
+        (`attention.methods.equal_bytes_budget`); DASH-KV's hasher is then `hasher` (default:
+        the shipped one).
+      min_budget: the fewest exact tokens a sample's method reads per step (a fractional
+        budget of a short sample may leave nothing beyond the sinks and window to select).
+      context: prompt + generation tokens at most; None: the protocol's (capped at the model's).
       limit: score only the first `limit` samples of each task.
       max_new_tokens: overrides every task's official generation length (for quick runs).
       chat: apply the model's chat template (where LongBench does); None: when it has one.
       progress: show a progress bar over each task's samples.
 
     Returns:
-      {"attention", "budget", "source", "context", "chat", "tasks": {task: {"metric", "score",
-      "max_new_tokens", "samples": [{"_id", "prediction", "answers", "score", "length",
-      "prompt_tokens", "truncated"}]}}, "average"}, scores x100 in [0, 100].
+      {"protocol", "attention", "budget", "equal_bytes", "source", "context", "chat", "tasks":
+      {task: {"metric", "score", "metrics", "scores", "max_new_tokens", "samples": [{"_id",
+      "prediction", "answers", "score", "scores", "length", "prompt_tokens", "budget_tokens",
+      "truncated"}]}}, "average", "averages"}. "metric" and "score" are the protocol's;
+      "metrics" and "scores" map every protocol that scores the task to its metric and score,
+      and "averages" every protocol to its mean over the tasks (None where it skips one).
+      Scores are x100 in [0, 100].
     """
+    if protocol not in PROTOCOLS:
+        raise DashKVError(
+            f"unknown LongBench protocol {protocol!r} (known: {', '.join(PROTOCOLS)})"
+        )
+    tasks = PROTOCOLS[protocol].tasks if tasks is None else tuple(tasks)
     if not tasks:
         raise DashKVError("no LongBench tasks given")
+    for task in tasks:
+        task_metric(task, protocol)  # an unknown task, or one the protocol does not score
     if attention not in METHODS:
         raise DashKVError(f"unknown attention method {attention!r} (known: {', '.join(METHODS)})")
     if limit is not None and limit < 1:
         raise DashKVError(f"limit must be >= 1, got {limit}")
+    context = _context(model, protocol, context)
     chat = model.chat_template is not None if chat is None else chat
     chat_template = model.chat_template if chat else None
     if chat and chat_template is None:
         raise DashKVError("this model has no chat template; run LongBench with chat=False")
     # Every task is read and checked before any decoding.
     samples = {task: load_longbench(task, data, hub=hub)[:limit] for task in tasks}
-    if attention in HASHED:  # Load the hasher once, not once per sample.
-        hasher = method_hasher(attention, model, hasher)
-    method = {"attention": attention, "budget": budget, "hasher": hasher, "tier2": tier2}
+    # Equal bytes reshapes only the budget methods that are not hashed; the hashed ones are
+    # the reference (or, for simhash and dashkv-symmetric, read what DASH-KV reads already).
+    equal_bytes = equal_bytes and attention in BUDGETED
+    if attention in HASHED or equal_bytes:  # Load the hasher once, not once per sample.
+        hasher = method_hasher("dashkv" if equal_bytes else attention, model, hasher)
+    method = {"attention": attention, "budget": budget, "hasher": hasher, "tier2": tier2,
+              "min_budget": min_budget}  # fmt: skip
 
     report_tasks = {}
     for task, task_samples in samples.items():
         new_tokens = MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
         template = None if task in NO_CHAT_TASKS else chat_template
-        max_prompt = model.config.max_position - new_tokens - _chat_overhead(tokenizer, template)
-        scores, results = [], []
+        max_prompt = context - new_tokens - _chat_overhead(tokenizer, template)
+        # Both protocols' scores where both score the task: one generation, scored twice.
+        protocols = [p for p in PROTOCOLS if task in PROTOCOL_METRICS[p]]
+        scores, results = {p: [] for p in protocols}, []
         for sample in tqdm(task_samples, desc=task, unit="sample", disable=not progress):
             prompt = build_prompt(task, sample, tokenizer, max_prompt, template)
+            prompt_tokens = len(tokenizer.encode(prompt).ids)
             try:
-                prediction = generate(model, tokenizer, prompt, max_new_tokens=new_tokens, **method)
+                tokens, options = _sample_method(
+                    model, prompt_tokens + new_tokens, method, equal_bytes
+                )
+                prediction = generate(
+                    model, tokenizer, prompt, max_new_tokens=new_tokens, **options
+                )
             except DashKVError as e:
                 raise DashKVError(f"{task} sample {sample['_id']}: {e}") from e
-            scores.append(
-                score_prediction(task, prediction, sample["answers"], sample["all_classes"])
-            )
+            for p in protocols:
+                scores[p].append(
+                    score_prediction(
+                        task, prediction, sample["answers"], sample["all_classes"], protocol=p
+                    )
+                )
             results.append(
                 {
                     "_id": sample["_id"],
                     "prediction": prediction,
                     "answers": list(sample["answers"]),
-                    "score": round(100 * scores[-1], 2),
+                    "score": round(100 * scores[protocol][-1], 2),
+                    "scores": {p: round(100 * scores[p][-1], 2) for p in protocols},
                     "length": sample["length"],
-                    "prompt_tokens": len(tokenizer.encode(prompt).ids),
+                    "prompt_tokens": prompt_tokens,
+                    "budget_tokens": tokens,
                     "truncated": PROMPTS[task].format(**sample) not in prompt,
                 }
             )
+        task_scores = {p: mean_score(scores[p]) for p in protocols}
         report_tasks[task] = {
-            "metric": TASK_METRICS[task].__name__,
-            "score": mean_score(scores),
+            "metric": task_metric(task, protocol).__name__,
+            "score": task_scores[protocol],
+            "metrics": {p: task_metric(task, p).__name__ for p in protocols},
+            "scores": task_scores,
             "max_new_tokens": new_tokens,
             "samples": results,
         }
+    averages = {}
+    for p in PROTOCOLS:
+        mine = [t["scores"].get(p) for t in report_tasks.values()]
+        averages[p] = None if None in mine else round(sum(mine) / len(mine), 2)
     return {
+        "protocol": protocol,
         "attention": attention,
         "budget": None if budget is None else str(budget),
+        "equal_bytes": equal_bytes,
         "source": str(data) if data is not None else hub,
-        "context": model.config.max_position,
+        "context": context,
         "chat": chat,
         "tasks": report_tasks,
-        "average": round(sum(t["score"] for t in report_tasks.values()) / len(report_tasks), 2),
+        "average": averages[protocol],
+        "averages": averages,
     }
 
 
@@ -404,6 +508,36 @@ def check_task(task: str) -> None:
     """Raise a `DashKVError` naming the known tasks unless `task` is one."""
     if task not in PROMPTS:
         raise DashKVError(f"unknown LongBench task {task!r} (known: {', '.join(TASKS)})")
+
+
+def _context(model: Llama, protocol: str, context: int | None) -> int:
+    """Prompt + generation tokens a run allows: `context`, else the protocol's, at most the
+    model's."""
+    limit = model.config.max_position
+    context = PROTOCOLS[protocol].context if context is None else context
+    if context is None:
+        return limit
+    if context < 2:
+        raise DashKVError(f"a LongBench context must be >= 2 tokens, got {context}")
+    return min(context, limit)
+
+
+def _sample_method(model: Llama, context: int, method: dict, equal_bytes: bool):
+    """(exact tokens per step or None, `generate`'s attention options) for one sample whose
+    prompt and generation take `context` tokens."""
+    options = {k: v for k, v in method.items() if k != "min_budget"}
+    attention, budget = method["attention"], method["budget"]
+    if attention == "full" or budget is None:
+        return None, options
+    tokens = min(max(parse_budget(str(budget), context), method["min_budget"]), context)
+    if not equal_bytes:
+        return tokens, options | {"budget": str(tokens)}
+    # DASH-KV's bytes at this context, as tokens of this method (tier 2 at the hasher's).
+    (backend,) = make_methods(
+        model, [attention], context, str(tokens), method["tier2"], method["hasher"],
+        equal_bytes=True,
+    ).values()  # fmt: skip
+    return backend.budget, {"attention": backend}
 
 
 def _chat_overhead(tokenizer: Tokenizer, chat_template: str | None) -> int:

@@ -5,6 +5,12 @@ Each metric scores one prediction against one ground truth in [0, 1]; `score_pre
 the best over a sample's ground truths, and `mean_score` averages a task's samples and reports
 x100, rounded to 2 decimals, as LongBench does. `TASK_METRICS` names the metric of every task.
 
+Two protocols (`PROTOCOL_METRICS`): "official", LongBench's own metric per task, and "paper",
+the DASH-KV paper's Table 1, which scores six English tasks only: NarrativeQA, HotpotQA, Qasper,
+MultiNews and GovReport by F1 (`qa_f1_score`: token F1, for the two summaries too, where
+LongBench uses ROUGE-L) and TriviaQA by exact match (`exact_match_score`, where LongBench uses
+F1). Both normalise answers the same way (`normalize_answer`).
+
 The Chinese QA F1 and ROUGE-L segment words with `jieba` (not a dependency of this project: it
 is needed for the multifieldqa_zh, dureader and vcsum tasks only; `pip install jieba`).
 """
@@ -54,6 +60,13 @@ def token_f1(prediction: Sequence[str], ground_truth: Sequence[str]) -> float:
 def qa_f1_score(prediction: str, ground_truth: str) -> float:
     """Token F1 after `normalize_answer`, the SQuAD-style English QA score."""
     return token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> float:
+    """1.0 when prediction and ground truth are equal after `normalize_answer` (lowercased,
+    ASCII punctuation and the articles a/an/the dropped, whitespace collapsed), else 0.0: the
+    SQuAD-style exact match, on LongBench's normalisation. The paper's metric for TriviaQA."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
 def qa_f1_zh_score(prediction: str, ground_truth: str) -> float:
@@ -165,17 +178,62 @@ TASK_METRICS: dict[str, Callable[..., float]] = {
     "repobench-p": code_sim_score,
 }
 
+# The DASH-KV paper's LongBench tasks and metrics (its Table 1), in its order: F1 everywhere but
+# TriviaQA, scored by exact match.
+PAPER_TASK_METRICS: dict[str, Callable[..., float]] = {
+    "narrativeqa": qa_f1_score,
+    "hotpotqa": qa_f1_score,
+    "qasper": qa_f1_score,
+    "multi_news": qa_f1_score,
+    "gov_report": qa_f1_score,
+    "triviaqa": exact_match_score,
+}
+PROTOCOL_METRICS: dict[str, dict[str, Callable[..., float]]] = {
+    "official": TASK_METRICS,
+    "paper": PAPER_TASK_METRICS,
+}
+PROTOCOLS = tuple(PROTOCOL_METRICS)
+# What a table header calls each metric.
+METRIC_NAMES = {
+    "qa_f1_score": "F1",
+    "qa_f1_zh_score": "F1",
+    "exact_match_score": "EM",
+    "rouge_l_score": "ROUGE-L",
+    "rouge_zh_score": "ROUGE-L",
+    "classification_score": "accuracy",
+    "retrieval_score": "accuracy",
+    "retrieval_zh_score": "accuracy",
+    "count_score": "accuracy",
+    "code_sim_score": "edit sim",
+}
+
+
+def task_metric(task: str, protocol: str = "official") -> Callable[..., float]:
+    """The metric `protocol` scores `task` by; a `DashKVError` if it does not score it."""
+    if protocol not in PROTOCOL_METRICS:
+        raise DashKVError(
+            f"unknown LongBench protocol {protocol!r} (known: {', '.join(PROTOCOLS)})"
+        )
+    if task not in TASK_METRICS:
+        raise DashKVError(f"unknown LongBench task {task!r} (known: {', '.join(TASK_METRICS)})")
+    metrics = PROTOCOL_METRICS[protocol]
+    if task not in metrics:
+        raise DashKVError(
+            f"the {protocol} protocol does not score {task!r} (its tasks: {', '.join(metrics)})"
+        )
+    return metrics[task]
+
 
 def score_prediction(
     task: str,
     prediction: str,
     answers: Sequence[str],
     all_classes: Sequence[str] | None = None,
+    protocol: str = "official",
 ) -> float:
-    """A sample's score in [0, 1]: the task's metric, best over its ground-truth `answers`."""
-    if task not in TASK_METRICS:
-        raise DashKVError(f"unknown LongBench task {task!r} (known: {', '.join(TASK_METRICS)})")
-    metric = TASK_METRICS[task]
+    """A sample's score in [0, 1]: the task's metric under `protocol`, best over its
+    ground-truth `answers`."""
+    metric = task_metric(task, protocol)
     if task in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     if metric is classification_score:
