@@ -12,9 +12,12 @@ Sections (--sections, default all):
               exactly
   recall      the paper's retrieval metrics of every budget method, through its decode path:
               Recall@100 and KL(P_method || P_full) (`dashkv_jax.evaluation.recall`)
-  longbench   THUDM/LongBench tasks with their official prompts and metrics
+  longbench   THUDM/LongBench tasks with their official prompts
               (`dashkv_jax.evaluation.longbench`); only with --longbench-data DIR (the unzipped
-              official data.zip: the Hub copy needs a loading script `datasets` no longer runs)
+              official data.zip: the Hub copy needs a loading script `datasets` no longer runs),
+              scored by --longbench-protocol: official (each task's LongBench metric, the
+              default) or paper (the DASH-KV paper's six tasks, F1 and TriviaQA EM, prompts cut
+              to 32K); beside each score, the other protocol's where it scores the task
 Writes OUT/results.json, OUT/results.md (tables) and OUT/*.png (plots: perplexity and recall
 against budget, one needle heat map per method). With --resume, rows OUT/results.json already
 holds (same model and settings) are kept rather than run again: an interrupted run picks up
@@ -37,7 +40,8 @@ from dashkv_jax import data  # noqa: E402
 from dashkv_jax.attention.methods import METHODS, make_methods, parse_budget  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.evaluation import synthetic  # noqa: E402
-from dashkv_jax.evaluation.longbench import ENGLISH_TASKS, run_longbench  # noqa: E402
+from dashkv_jax.evaluation.longbench import PROTOCOLS, run_longbench  # noqa: E402
+from dashkv_jax.evaluation.metrics import METRIC_NAMES, task_metric  # noqa: E402
 from dashkv_jax.evaluation.perplexity import decode_perplexity  # noqa: E402
 from dashkv_jax.evaluation.recall import recall_report  # noqa: E402
 from dashkv_jax.generate import generate_each  # noqa: E402
@@ -57,6 +61,7 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     budgets: tuple[str, ...] = ("1/8", "1/16", "1/32", "1/64")
     tier2: str | None = None  # DASH-KV's approximate tokens; None: the hasher's
+    equal_bytes: bool = False  # other budget methods read what DASH-KV reads per step
     perplexity_tokens: int = 8192  # held-out tokens scored per method and budget
     synthetic_tasks: tuple[str, ...] = synthetic.TASKS
     synthetic_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
@@ -67,13 +72,26 @@ class EvalConfig:
     recall_budgets: tuple[str, ...] | None = None  # None: the same as `budgets`
     recall_queries: int = 64
     longbench_data: str | None = None  # a folder of the official LongBench jsonl files
-    longbench_tasks: tuple[str, ...] = ENGLISH_TASKS
+    longbench_protocol: str = "official"  # or "paper" (`evaluation.longbench.PROTOCOLS`)
+    longbench_tasks: tuple[str, ...] | None = None  # None: the protocol's (official: English)
     longbench_limit: int | None = None  # samples per task (None: all)
     longbench_new_tokens: int | None = None  # None: each task's official generation length
 
 
 PRESETS = {
     "smollm2": EvalConfig(),
+    # The bundled long-context model (32K), its hasher trained on windows of 2048 tokens.
+    "gemma3": EvalConfig(
+        model="gemma3-270m",
+        methods=("full", "oracle", "streaming", "quest", "simhash", "dashkv"),
+        budgets=("1/32",),
+        perplexity_tokens=32768,
+        synthetic_lengths=(4096, 8192, 16384, 32000),
+        synthetic_depths=(0.1, 0.5, 0.9),
+        generation_budget="1/32",
+        recall_contexts=(8192, 32768),
+        recall_budgets=("1/32",),
+    ),
     # End to end in a few minutes on a 2-core CPU: what the tests run.
     "quick": EvalConfig(
         methods=("full", "oracle", "quest", "dashkv"),
@@ -114,7 +132,9 @@ def perplexity_section(model, tokenizer, config: EvalConfig, save, previous) -> 
         if (method, budget) in done:
             rows.append(done[method, budget])
             continue
-        (attention,) = make_methods(model, [method], n, budget, config.tier2).values()
+        (attention,) = make_methods(
+            model, [method], n, budget, config.tier2, equal_bytes=config.equal_bytes
+        ).values()
         start = time.perf_counter()
         result = decode_perplexity(model, ids, attention)
         rows.append(
@@ -149,19 +169,22 @@ def synthetic_section(model, tokenizer, config: EvalConfig, save, previous) -> l
                 tokens = max(parse_budget(config.generation_budget, length), MIN_BUDGET)
                 budget = None if method == "full" else str(tokens)
                 (attentions[method, length],) = make_methods(
-                    model, [method], length, budget, config.tier2
+                    model, [method], length, budget, config.tier2, equal_bytes=config.equal_bytes
                 ).values()
         if not todo:  # every method's row is kept from an earlier run: no prefill needed
             rows += [done[task, length, depth, m] for m in config.methods]
             continue
         # One exact prefill for every method: the methods differ only in how they decode.
+        # Instruct models answer the question at the end far better in their chat template; a
+        # pretrained one (Gemma 3 270M) has none, and completes the sample's cue instead.
+        chat = model.chat_template is not None
         outputs = generate_each(
             model,
             tokenizer,
-            sample.prompt,
+            sample.prompt if chat else sample.prompt + sample.cue,
             [attentions[m, length] for m in todo],
             max_new_tokens=config.answer_tokens,
-            chat=True,  # instruct models answer the question at the end far better in the chat
+            chat=chat,
         )
         new = dict(zip(todo, outputs, strict=True))
         for method in config.methods:
@@ -208,6 +231,8 @@ def recall_section(model, tokenizer, config: EvalConfig, save, previous) -> list
 
 
 def longbench_section(model, tokenizer, config: EvalConfig, save, previous) -> list[dict]:
+    """One row per method and task: the protocol's metric and score, and every protocol's
+    ("metrics", "scores") where it scores the task."""
     if config.longbench_data is None:
         raise DashKVError("the longbench section needs --longbench-data DIR")
     rows = []
@@ -219,16 +244,34 @@ def longbench_section(model, tokenizer, config: EvalConfig, save, previous) -> l
             model,
             tokenizer,
             config.longbench_tasks,
+            protocol=config.longbench_protocol,
             data=config.longbench_data,
             attention=method,
             budget=None if method == "full" else config.generation_budget,
             tier2=config.tier2,
+            equal_bytes=config.equal_bytes,
+            min_budget=MIN_BUDGET,  # as the synthetic prompts: short samples, same floor
             limit=config.longbench_limit,
             max_new_tokens=config.longbench_new_tokens,
         )
         for task, result in report["tasks"].items():
-            rows.append({"method": method, "task": task, "metric": result["metric"],
-                         "score": result["score"], "samples": len(result["samples"])})  # fmt: skip
+            budgets = [s["budget_tokens"] for s in result["samples"]]
+            rows.append(
+                {
+                    "method": method,
+                    "task": task,
+                    "protocol": report["protocol"],
+                    "metric": result["metric"],
+                    "score": result["score"],
+                    "metrics": result["metrics"],
+                    "scores": result["scores"],
+                    "samples": len(result["samples"]),
+                    "context": report["context"],
+                    # Mean exact tokens per step over the samples (None: full attention).
+                    "budget_tokens": None if None in budgets else sum(budgets) / len(budgets),
+                }
+            )
+        save(rows)  # a method's tasks take hours at 8K on a CPU: keep what is done
     return rows
 
 
@@ -301,14 +344,42 @@ def markdown(results: dict) -> str:
             )
         out.append("")
     if rows := results.get("longbench"):
-        tasks = list(dict.fromkeys(r["task"] for r in rows))
-        out += ["## LongBench (official metrics, x100)", ""]
-        out += ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        for method in results["config"]["methods"]:
-            scores = {r["task"]: r["score"] for r in rows if r["method"] == method}
-            out.append(f"| {method} | " + " | ".join(f"{scores[t]:.1f}" for t in tasks) + " |")
-        out.append("")
+        out += longbench_markdown(rows, results["config"]["methods"])
     return "\n".join(out)
+
+
+def longbench_markdown(rows: list[dict], methods) -> list[str]:
+    """LongBench tables, methods x tasks and their average (x100): the run's protocol, then the
+    other protocol's scores of the same predictions, on the tasks it scores."""
+    protocol = rows[0].get("protocol", "official")  # rows of older runs lack it
+
+    def by_protocol(row, field):  # older rows hold only their own protocol's metric and score
+        own = "metric" if field == "metrics" else "score"
+        return row.get(field, {protocol: row[own]})
+
+    out = []
+    for p in [protocol, *(p for p in PROTOCOLS if p != protocol)]:
+        mine = [r for r in rows if p in by_protocol(r, "scores")]
+        tasks = list(dict.fromkeys(r["task"] for r in mine))
+        if not tasks:
+            continue
+        if p == protocol:
+            out += [f"## LongBench ({p} protocol, x100)", ""]
+        else:
+            out += [f"The same predictions under the {p} protocol, on the tasks it scores:", ""]
+        names = {r["task"]: METRIC_NAMES[by_protocol(r, "metrics")[p]] for r in mine}
+        header = [f"{t} ({names[t]})" for t in tasks] + ["average"]
+        out += ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        for method in methods:
+            scores = {r["task"]: by_protocol(r, "scores")[p] for r in mine if r["method"] == method}
+            if not scores:
+                continue
+            cells = [f"{scores[t]:.2f}" if t in scores else "not run" for t in tasks]
+            complete = len(scores) == len(tasks)
+            cells.append(f"{sum(scores.values()) / len(scores):.2f}" if complete else "-")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def plot(results: dict, out: Path) -> list[Path]:
@@ -363,7 +434,34 @@ def plot(results: dict, out: Path) -> list[Path]:
         axes[0][0].set(ylabel="depth")
         fig.supxlabel("context length (tokens)")
         written.append(_save(fig, out / "needle_heatmap.png"))
+    if rows := results.get("longbench"):
+        written.append(longbench_plot(rows, results["config"]["methods"], out / "longbench.png"))
     return written
+
+
+def longbench_plot(rows: list[dict], methods, path: Path) -> Path:
+    """Grouped bars: each method's score per task and their average, under the run's protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    labels = [*tasks, "average"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
+    for i, method in enumerate(methods):
+        scores = {r["task"]: r["score"] for r in rows if r["method"] == method}
+        ys = [scores.get(t, np.nan) for t in tasks]
+        ys.append(np.mean(ys))
+        ax.bar(np.arange(len(labels)) + (i - (len(methods) - 1) / 2) * width, ys, width,
+               label=method)  # fmt: skip
+    protocol = rows[0].get("protocol", "official")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax.set(ylabel="score (x100)", title=f"LongBench, {protocol} protocol")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -465,8 +563,25 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--synthetic-depths", type=_numbers(float), help="comma-separated needle depths in [0, 1]"
     )
+    parser.add_argument("--perplexity-tokens", type=int, help="held-out tokens scored")
+    parser.add_argument(
+        "--equal-bytes",
+        action="store_true",
+        help="give the budget methods that are not hashed DASH-KV's bytes per step, not tokens",
+    )
+    parser.add_argument(
+        "--recall-contexts", type=_numbers(int), help="comma-separated contexts for recall"
+    )
     parser.add_argument("--longbench-data", help="folder of the official LongBench jsonl files")
-    parser.add_argument("--longbench-tasks", help="comma-separated (default: the English ones)")
+    parser.add_argument(
+        "--longbench-protocol",
+        choices=sorted(PROTOCOLS),
+        help="official (LongBench's metrics, the default) or paper (the DASH-KV paper's six "
+        "tasks, F1 and TriviaQA EM, 32K); given without --longbench-tasks: its own tasks",
+    )
+    parser.add_argument(
+        "--longbench-tasks", help="comma-separated (default: the protocol's; official: English)"
+    )
     parser.add_argument("--longbench-limit", type=int, help="samples per task")
     parser.add_argument("--out", default="runs/eval", type=Path)
     parser.add_argument(
@@ -483,16 +598,25 @@ def main(argv=None) -> int:
         "synthetic_tasks": args.synthetic_tasks and tuple(args.synthetic_tasks.split(",")),
         "synthetic_lengths": args.synthetic_lengths,
         "synthetic_depths": args.synthetic_depths,
+        "perplexity_tokens": args.perplexity_tokens,
+        "equal_bytes": args.equal_bytes,
+        "recall_contexts": args.recall_contexts,
         "longbench_data": args.longbench_data,
         "longbench_tasks": args.longbench_tasks and tuple(args.longbench_tasks.split(",")),
         "longbench_limit": args.longbench_limit,
+        "longbench_protocol": args.longbench_protocol,
     }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v})
+    if args.longbench_protocol and not args.longbench_tasks:  # the protocol's own tasks
+        config = dataclasses.replace(config, longbench_tasks=None)
     default = SECTIONS if config.longbench_data else SECTIONS[:-1]
     sections = args.sections.split(",") if args.sections else list(default)
     try:
         if bad := [s for s in sections if s not in SECTIONS]:
             raise DashKVError(f"unknown section(s) {', '.join(bad)} (known: {', '.join(SECTIONS)})")
+        if "longbench" in sections:  # a task the protocol does not score fails before any work
+            for task in config.longbench_tasks or ():
+                task_metric(task, config.longbench_protocol)
         results = run(config, sections, args.out, resume=args.resume)
     except DashKVError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,3 +175,21 @@ def test_the_gpu_dense_baseline_computes_what_full_attention_does():
     )  # fmt: skip
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert bench_decode.fused_dense_steps(n, 1, 2) == {} or jax.default_backend() == "gpu"
+
+
+def test_the_sandwich_is_the_fragile_layers_at_each_end():
+    import layer_sensitivity
+
+    # Median 0.1: with factor 2 the bound is 0.2; layers 0-1 and 9 exceed it from the ends.
+    increase = [0.9, 0.5, 0.1, 0.3, 0.1, 0.05, 0.1, 0.1, 0.1, 0.4]
+    assert layer_sensitivity.choose_sandwich(np.array(increase), 2.0) == (2, 1)
+    assert layer_sensitivity.choose_sandwich(np.array([0.1] * 5), 2.0) == (0, 0)
+
+
+def test_ablation_refuses_unknown_rows_and_a_missing_bt_hasher(capsys):
+    import ablation
+
+    assert ablation.main(["--rows", "full,magic"]) == 2
+    assert "unknown row" in capsys.readouterr().err
+    assert ablation.main(["--rows", "bt", "--context", "1024"]) == 2
+    assert "--bt-hasher" in capsys.readouterr().err

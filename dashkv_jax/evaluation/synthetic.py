@@ -35,6 +35,9 @@ class Sample:
     answers: tuple[str, ...]  # every one must appear in the output for full credit
     length: int  # the prompt's length in tokens
     depth: float  # where the (first) fact sits, as a fraction of the haystack
+    # What a model without a chat template (a pretrained one) reads after the prompt, so that
+    # it completes the answer rather than the question.
+    cue: str = ""
 
 
 def score(sample: Sample, output: str) -> float:
@@ -90,7 +93,7 @@ def passkey(haystack: Haystack, length: int, depth: float, seed: int = 0) -> Sam
     fact = f"The pass key is {key}. Remember it. {key} is the pass key."
     tail = "\n\nWhat is the pass key? Answer with the number only."
     prompt = haystack.build(length, [(depth, fact)], head, tail)
-    return Sample("passkey", prompt, (key,), haystack.tokens(prompt), depth)
+    return Sample("passkey", prompt, (key,), haystack.tokens(prompt), depth, "\nThe pass key is")
 
 
 def multikey(haystack: Haystack, length: int, depth: float, seed: int = 0, keys: int = 4) -> Sample:
@@ -107,7 +110,8 @@ def multikey(haystack: Haystack, length: int, depth: float, seed: int = 0, keys:
     asked = f"special magic number for {words[0]}"
     tail = f"\n\nWhat is the {asked}? Answer with the number only."
     prompt = haystack.build(length, facts, head, tail)
-    return Sample("multikey", prompt, (numbers[0],), haystack.tokens(prompt), depth)
+    cue = f"\nThe {asked} is:"
+    return Sample("multikey", prompt, (numbers[0],), haystack.tokens(prompt), depth, cue)
 
 
 def variable_tracking(
@@ -127,7 +131,8 @@ def variable_tracking(
         f"above. Answer with the {hops + 1} variable names only."
     )
     prompt = haystack.build(length, facts, head, tail)
-    return Sample("variable_tracking", prompt, tuple(names), haystack.tokens(prompt), depth)
+    cue = f"\nThe variables assigned {value} are:"
+    return Sample("variable_tracking", prompt, tuple(names), haystack.tokens(prompt), depth, cue)
 
 
 BUILDERS = {"passkey": passkey, "multikey": multikey, "variable_tracking": variable_tracking}

@@ -4,7 +4,7 @@ import importlib
 
 from dashkv_jax.errors import DashKVError
 
-NAMES = ("smollm2_cpu", "smollm2_2k", "llama3_8b_pod")
+NAMES = ("smollm2_cpu", "smollm2_2k", "gemma3_2k", "llama3_8b_pod")
 DEFAULT = "smollm2_cpu"
 
 
