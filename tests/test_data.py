@@ -81,14 +81,16 @@ def test_bundled_corpus_is_cached(corpus):
 
 
 def test_splits_partition_the_articles(corpus):
-    train = data.load_documents(split="train")
-    heldout = data.load_documents(split="heldout")
-    assert not set(train["title"]) & set(heldout["title"])
-    assert len(train) + len(heldout) == len(corpus)
-    assert 0.1 * len(corpus) <= len(heldout) <= 0.35 * len(corpus)
+    splits = {s: data.load_documents(split=s) for s in ("train", "validation", "heldout")}
+    titles = {s: set(d["title"]) for s, d in splits.items()}
+    assert not titles["train"] & titles["validation"]
+    assert not (titles["train"] | titles["validation"]) & titles["heldout"]
+    assert sum(len(d) for d in splits.values()) == len(corpus)
+    assert 0.1 * len(corpus) <= len(splits["heldout"]) <= 0.35 * len(corpus)
+    assert len(splits["validation"]) >= 1
     # Every article is where the stable hash of its title says.
-    assert all(data.is_heldout(title, 0.2) for title in heldout["title"])
-    assert not any(data.is_heldout(title, 0.2) for title in train["title"])
+    assert all(data.split_of(t, 0.2) == s for s, ts in titles.items() for t in ts)
+    heldout = splits["heldout"]
 
     again = data.load_documents(split="heldout")
     assert again["title"] == heldout["title"]
@@ -178,10 +180,12 @@ def test_local_jsonl_splits_by_title(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     train = data.load_documents(str(path), "train", text_field="body")
+    validation = data.load_documents(str(path), "validation", text_field="body")
     heldout = data.load_documents(str(path), "heldout", text_field="body")
     assert set(train.column_names) == {"title", "text"}
-    assert len(train) + len(heldout) == 200
+    assert len(train) + len(validation) + len(heldout) == 200
     assert not set(train["title"]) & set(heldout["title"])
+    assert not set(validation["title"]) & (set(train["title"]) | set(heldout["title"]))
     assert 20 <= len(heldout) <= 60
     assert heldout["text"][0] == f"Text of document {heldout['title'][0].split()[-1]}."
 
@@ -204,7 +208,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\.jsonl.*\.parquet.*\.txt"):
         data.load_documents(str(tmp_path / "table.csv"))
     with pytest.raises(ValueError, match="split must be one of"):
-        data.load_documents(split="validation")
+        data.load_documents(split="test")
     with pytest.raises(ValueError, match="no column 'body'"):
         data.load_documents(text_field="body")
 
