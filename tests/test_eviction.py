@@ -19,7 +19,7 @@ from dashkv_jax.attention.methods import make_attention
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.evaluation.perplexity import decode_perplexity
 from dashkv_jax.generate import generate_each
-from dashkv_jax.hashing.encoders import HasherConfig, simhash
+from dashkv_jax.hashing.encoders import SANDWICH, HasherConfig, simhash
 from dashkv_jax.models.config import ModelConfig
 from dashkv_jax.models.llama import decode_step, prefill
 
@@ -190,9 +190,11 @@ def test_the_cache_holds_budget_slots_and_a_step_reads_them(smollm2, ids):
         pos = prompt + steps - 1  # the newest token
         appended = steps if isinstance(attention, SnapKVAttention) else 0
         room = 16 if isinstance(attention, SnapKVAttention) else 0
-        # 26 compressed layers of `budget` (+ SnapKV's room) slots, 4 dense ones of `context`.
-        assert cache.k.shape == (c.num_layers - 4, 1, c.num_kv_heads, budget + room, c.head_dim)
-        assert cache.dense_k.shape == (4, 1, c.num_kv_heads, context, c.head_dim)
+        # The sandwich's dense layers hold `context` slots, the others `budget` (+ SnapKV's room).
+        dense_layers = sum(SANDWICH)
+        sparse_layers = c.num_layers - dense_layers
+        assert cache.k.shape == (sparse_layers, 1, c.num_kv_heads, budget + room, c.head_dim)
+        assert cache.dense_k.shape == (dense_layers, 1, c.num_kv_heads, context, c.head_dim)
         for layer_heads in np.asarray(cache.positions).reshape(-1, budget + room):
             held = layer_heads[layer_heads >= 0]
             assert len(held) == len(set(held)) == budget + appended, name
@@ -206,8 +208,8 @@ def test_the_cache_holds_budget_slots_and_a_step_reads_them(smollm2, ids):
         metadata = {"H2OAttention": 4, "SnapKVAttention": 0, "HashEvictAttention": 4}[name]
         assert attention.step_bytes(budget, 0, pos + 1, 64, 4) == budget * (512 + metadata)
         per_slot = {"H2OAttention": 4 + 4, "SnapKVAttention": 4, "HashEvictAttention": 4 + 4}
-        compressed = (c.num_layers - 4) * c.num_kv_heads * (budget + room)
-        dense = 4 * c.num_kv_heads * context * 2 * c.head_dim * 4
+        compressed = sparse_layers * c.num_kv_heads * (budget + room)
+        dense = dense_layers * c.num_kv_heads * context * 2 * c.head_dim * 4
         assert cache.cache_bytes == compressed * (2 * c.head_dim * 4 + per_slot[name]) + dense
         assert cache.full_cache_bytes == c.num_layers * c.num_kv_heads * context * 2 * 64 * 4
 
