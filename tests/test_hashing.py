@@ -253,7 +253,7 @@ def test_the_shipped_hashers_fit_the_bundled_model(smollm2):
     assert c.kind == "asymmetric" and c.bits == 128 and c.scoring == "hamming"
     assert 0 < c.train_length <= 2048  # short-train, long-infer
     size = sum(f.stat().st_size for f in DEFAULT_HASHER.rglob("*") if f.is_file())
-    assert size < 25e6
+    assert size < 32e6  # float32: the query MLPs 17.7 MB, their linear skips 8.8 MB
     meta = read_metadata(DEFAULT_HASHER)
     held = meta["heldout"]
     assert held["asymmetric"]["recall_at_100"] > held["simhash"]["recall_at_100"]
