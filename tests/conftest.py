@@ -16,3 +16,16 @@ def smollm2():
     from dashkv_jax import load_model
 
     return load_model()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each module's compiled programs when it ends: a whole run keeps thousands otherwise,
+    and XLA:CPU crashed compiling in the late modules (memory maps of JIT code add up)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

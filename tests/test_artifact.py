@@ -144,7 +144,5 @@ def test_an_export_that_dies_half_way_leaves_the_old_artifact(tmp_path, monkeypa
     np.testing.assert_array_equal(kept.key_encoder.w[...], old.key_encoder.w[...])
     save_hasher(new, path)
     replaced = load_hasher(path)
-    np.testing.assert_array_equal(
-        replaced.key_encoder.w[...], new.key_encoder.w[...]
-    )
+    np.testing.assert_array_equal(replaced.key_encoder.w[...], new.key_encoder.w[...])
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["hasher"]

@@ -20,9 +20,10 @@ CONTEXT = 4096
 NEW_TOKENS = 32
 
 
-def dashkv(model, budget="1/16"):
-    """The shipped DASH-KV at an exact `budget` of the 4K context, tier 2 at its default."""
-    (attention,) = make_methods(model, ["dashkv"], CONTEXT, budget).values()
+def dashkv(model, budget="1/16", method="dashkv"):
+    """The shipped DASH-KV (or another budget `method`) at an exact `budget` of the 4K context,
+    tier 2 at the hasher's default."""
+    (attention,) = make_methods(model, [method], CONTEXT, budget).values()
     return attention
 
 
@@ -59,17 +60,22 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
-def test_dashkv_continues_real_text_like_full_attention(smollm2, prompts):
+def test_dashkv_continues_real_text_closer_to_full_attention_than_streaming(smollm2, prompts):
+    """Greedy continuations of five held-out prompts: how many tokens each method shares with
+    full attention before the first difference, DASH-KV against StreamingLLM (sinks + recent
+    window) at the same exact budget."""
     model, tokenizer = smollm2
-    attention = dashkv(model)
-    agreed, spent = [], []
-    for ids in prompts:
-        full, sparse, attended = greedy_both(model, ids, attention, NEW_TOKENS)
-        agreed.append(agreement(full, sparse))
-        spent.append(attended)
-        print(f"agree={agreed[-1]} attended={attended:.0f}: {tokenizer.decode(sparse)!r}")
-    # Measured on this machine: X of 5 prompts give the same 32 greedy tokens.
-    assert sum(a == NEW_TOKENS for a in agreed) >= 1, agreed
+    agreed, spent = {"dashkv": [], "streaming": []}, []
+    for method in agreed:
+        attention = dashkv(model, method=method)
+        for ids in prompts:
+            full, sparse, attended = greedy_both(model, ids, attention, NEW_TOKENS)
+            agreed[method].append(agreement(full, sparse))
+            spent.append(attended)
+            print(f"{method} agree={agreed[method][-1]}: {tokenizer.decode(sparse)!r}")
+    # Measured on this machine (tier 2 at 1/64): DASH-KV MEASURED_D, StreamingLLM MEASURED_S
+    # tokens; 32 identical greedy tokens are rare for a 135M model (near-ties flip).
+    assert sum(agreed["dashkv"]) > sum(agreed["streaming"]), agreed
     assert all(s == 256 for s in spent), spent  # the exact budget, every step
 
 
