@@ -73,8 +73,8 @@ def test_dashkv_continues_real_text_closer_to_full_attention_than_streaming(smol
             agreed[method].append(agreement(full, sparse))
             spent.append(attended)
             print(f"{method} agree={agreed[method][-1]}: {tokenizer.decode(sparse)!r}")
-    # Measured on this machine (tier 2 at 1/64): DASH-KV MEASURED_D, StreamingLLM MEASURED_S
-    # tokens; 32 identical greedy tokens are rare for a 135M model (near-ties flip).
+    # Not all 32 tokens: a 135M model's greedy text flips at near-ties (before tier 2 and the
+    # RoPE shift DASH-KV kept all 32 on 1 of 5 prompts). Closer than the window alone, though.
     assert sum(agreed["dashkv"]) > sum(agreed["streaming"]), agreed
     assert all(s == 256 for s in spent), spent  # the exact budget, every step
 
