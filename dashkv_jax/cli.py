@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tier2",
         help="DASH-KV's approximate tokens per KV head and step: a fraction of the context or a "
-        "count, 0 for off (default: the hasher's, 1/16)",
+        "count, 0 for off (default: the hasher's, 1/64)",
     )
     gen.add_argument(
         "--hasher",
@@ -114,7 +114,7 @@ def _add_method_args(parser) -> None:
     parser.add_argument(
         "--tier2",
         help="DASH-KV's approximate tokens per KV head and step: a fraction of the context or a "
-        "count, 0 for off (default: the hasher's, 1/16)",
+        "count, 0 for off (default: the hasher's, 1/64)",
     )
     parser.add_argument("--hasher", type=Path, help="the dashkv hasher (default: the shipped one)")
     parser.add_argument(

@@ -13,7 +13,7 @@ Pallas's fused GPU decode attention and cuDNN's (`fused_dense_steps`, each over 
 own layout); on TPU, whose fused decode kernel (ragged paged attention) needs a paged cache,
 `attend_all` alone (not measured here: no TPU has run this). DASH-KV: the three tiers of
 `attention.hashed` with every component on and every layer DASH-KV, the exact budget (1/32) and
-tier 2 (1/16) of N, a hasher shaped like the shipped one (untrained weights cost the same). One
+tier 2 (1/64) of N, a hasher shaped like the shipped one (untrained weights cost the same). One
 layer's cache is allocated and the step runs over it once per layer (30 layers of 1M tokens
 would take 46 GB). With the shipped sandwich (its first and last layers exact), a model's step
 costs `sandwich_ms` = the dense step over those layers plus DASH-KV's over the rest, derived
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     parser.add_argument("--budget", default="1/32", help="exact tokens: a fraction or count")
-    parser.add_argument("--tier2", default="1/16", help="tier-2 tokens: a fraction or count")
+    parser.add_argument("--tier2", default="1/64", help="tier-2 tokens: a fraction or count")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=LAYERS)

@@ -126,7 +126,8 @@ def test_perplexity_reports_what_each_method_read(heldout_file, capsys):
     assert code == 0, err
     report = json.loads(out)
     methods = report["methods"]
-    assert list(methods) == ["full", "simhash", "dashkv"] and report["tier2"] == 32
+    assert list(methods) == ["full", "simhash", "dashkv"]
+    assert report["tier2"] == 512 // 64  # the shipped hasher's 1/64
     for m in methods.values():
         assert {"perplexity", "exact_tokens", "approx_tokens", "bytes"} <= set(m)
     full, dashkv = methods["full"], methods["dashkv"]

@@ -100,7 +100,7 @@ def test_bench_decode_prints_one_json_list(tmp_path):
         assert (
             row["dense_ms"] > 0 and row["dashkv_ms"] > 0 and row["budget_tokens"] == row["n"] // 8
         )
-        assert row["tier2_tokens"] == row["n"] // 16 and row["exact_tokens"] == row["n"] // 8
+        assert row["tier2_tokens"] == row["n"] // 64 and row["exact_tokens"] == row["n"] // 8
         assert 0 < row["dashkv_floor_ms"] < row["dense_floor_ms"]
     assert "N" in done.stderr  # the table goes to stderr with --json
     saved = json.loads((tmp_path / "bench.json").read_text())

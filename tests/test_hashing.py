@@ -214,7 +214,7 @@ def test_artifact_round_trip(tmp_path):
     meta = read_metadata(tmp_path / "h")
     assert meta["heldout"] == {"recall_at_100": 0.5} and meta["config"]["bits"] == 64
     assert meta["format"] == 2 and meta["config"]["query_hidden"] == [8, 8]
-    assert meta["config"]["train_length"] == 512 and meta["config"]["tier2"] == "1/16"
+    assert meta["config"]["train_length"] == 512 and meta["config"]["tier2"] == "1/64"
 
 
 def test_a_mismatched_hasher_is_refused_naming_what_differs(tmp_path):

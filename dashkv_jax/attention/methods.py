@@ -28,9 +28,6 @@ BUDGETED = {
 # Hashed selection, by the hasher kind each needs.
 HASHED = {"simhash": "simhash", "dashkv-symmetric": "symmetric", "dashkv": "asymmetric"}
 METHODS = ("full", *BUDGETED, *HASHED)
-# Tier 2 of the hashed methods: approximate tokens per KV head and step, a fraction of the
-# context or a count ("0": off).
-DEFAULT_TIER2 = "1/16"
 
 
 def parse_budget(text: str, context: int, *, allow_zero: bool = False) -> int:
