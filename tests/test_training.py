@@ -80,6 +80,11 @@ def _params(trainee) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainee, nnx.Param))]
 
 
+def _named(trainee) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(trainee, nnx.Param))[0]
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
 def test_loss_falls_and_the_learned_hasher_beats_simhash(sliced):
     train, heldout, model_config = sliced
     config = TrainConfig(
@@ -159,8 +164,16 @@ def test_sharded_steps_equal_unsharded(sliced):
     w = stepper_eight.trainee().hasher.key_encoder.w[...]
     assert len(w.sharding.device_set) == 8  # really spread: layers over 2, replicated over 4
     assert w.sharding.shard_shape(w.shape)[0] == len(LAYERS) // 2
-    for a, b in zip(_params(stepper_one.trainee()), _params(stepper_eight.trainee()), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    one_params, eight_params = _named(stepper_one.trainee()), _named(stepper_eight.trainee())
+    assert one_params.keys() == eight_params.keys()
+    for name, a in one_params.items():
+        if "['residual']" in name and a.shape[-2:] == (1, 1) and "['b']" in name:
+            # The residual's output bias shifts every tier-2 logit alike, which neither softmax
+            # nor the KL sees: its gradient is rounding noise, which Adam scales to lr-sized
+            # steps of either sign. Only their size is bounded.
+            assert np.abs(eight_params[name]).max() <= config.steps * config.learning_rate
+            continue
+        np.testing.assert_allclose(a, eight_params[name], atol=1e-5, rtol=0, err_msg=name)
 
 
 def _run_config(out, capture_dir, **train) -> RunConfig:
