@@ -18,7 +18,7 @@ from flax import nnx
 from dashkv_jax.attention.eviction import EvictionAttention
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.sparse import SparseAttention
-from dashkv_jax.errors import DashKVError
+from dashkv_jax.evaluation.recall import text_window
 from dashkv_jax.models.causal import Attention
 from dashkv_jax.models.llama import Llama, prefill
 
@@ -155,17 +155,7 @@ def perplexity_report(
     budget."""
     from dashkv_jax.attention.methods import make_methods
 
-    bos = model.config.bos_token_id
-    ids = ([] if bos is None else [bos]) + tokenizer.encode(text, add_special_tokens=False).ids
-    if context > model.config.max_position:
-        raise DashKVError(
-            f"context {context} exceeds the model's context of {model.config.max_position}"
-        )
-    if len(ids) < context:
-        raise DashKVError(
-            f"the text has {len(ids)} tokens, fewer than the context of {context}: give a "
-            "longer text or a smaller --context"
-        )
+    ids = text_window(model, tokenizer, text, context)
     attentions = make_methods(
         model, methods, context, budget, tier2, hasher, symmetric, options, equal_bytes
     )

@@ -156,17 +156,7 @@ def recall_report(
     `context` or token counts. Returns a JSON-ready dict: the settings and, per method, the
     metrics (module docstring).
     """
-    bos = model.config.bos_token_id
-    ids = ([] if bos is None else [bos]) + tokenizer.encode(text, add_special_tokens=False).ids
-    if context > model.config.max_position:
-        raise DashKVError(
-            f"context {context} exceeds the model's context of {model.config.max_position}"
-        )
-    if len(ids) < context:
-        raise DashKVError(
-            f"the text has {len(ids)} tokens, fewer than the context of {context}: give a "
-            "longer text or a smaller --context"
-        )
+    ids = text_window(model, tokenizer, text, context)
     attentions = make_methods(model, methods, context, budget, tier2, hasher, symmetric, options)
     if "full" in attentions:
         raise DashKVError("full attention is the reference here, not a method to measure")
@@ -211,3 +201,20 @@ def format_report(report: dict) -> str:
             f" {m['approx_tokens']:>7.1f} {m['bytes']:>9.0f}"
         )
     return "\n".join(rows)
+
+
+def text_window(model, tokenizer, text: str, context: int) -> list[int]:
+    """The token ids of `text` (with the model's BOS), refused when the model cannot hold
+    `context` tokens or the text has fewer."""
+    bos = model.config.bos_token_id
+    ids = ([] if bos is None else [bos]) + tokenizer.encode(text, add_special_tokens=False).ids
+    if context > model.config.max_position:
+        raise DashKVError(
+            f"context {context} exceeds the model's context of {model.config.max_position}"
+        )
+    if len(ids) < context:
+        raise DashKVError(
+            f"the text has {len(ids)} tokens, fewer than the context of {context}: give a "
+            "longer text or a smaller --context"
+        )
+    return ids
