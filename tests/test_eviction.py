@@ -17,7 +17,7 @@ from dashkv_jax.attention.eviction import (
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.methods import make_attention
 from dashkv_jax.errors import DashKVError
-from dashkv_jax.evaluation.perplexity import decode_perplexity
+from dashkv_jax.evaluation.perplexity import decode_perplexity, token_nll
 from dashkv_jax.generate import generate_each
 from dashkv_jax.hashing.encoders import SANDWICH, HasherConfig, simhash
 from dashkv_jax.models.config import ModelConfig
@@ -234,6 +234,7 @@ def test_stepwise_perplexity_equals_decode_steps_by_hand(smollm2, ids, method):
         exact.append(np.asarray(cache.usage[:, 0, :, 0]).mean(-1))
     exact = np.mean(exact, axis=0)
     assert result["nll"] == pytest.approx(float(np.mean(nll)), rel=1e-5)
+    np.testing.assert_allclose(token_nll(model, text, attention), nll, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result["per_layer"]["exact_tokens"], exact, atol=0.01)
     # Float32 K and V of 64 dims: full attention's price in the dense layers (0), the
     # method's, with H2O's score and HashEvict's code, in the compressed ones (5).

@@ -8,7 +8,7 @@ import pytest
 from dashkv_jax import data
 from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.sparse import OracleAttention, StreamingAttention
-from dashkv_jax.evaluation.perplexity import decode_perplexity
+from dashkv_jax.evaluation.perplexity import decode_perplexity, token_nll
 from dashkv_jax.hashing.encoders import HasherConfig, simhash
 from dashkv_jax.models.llama import forward
 
@@ -23,7 +23,9 @@ def ids(smollm2):
 def test_full_attention_equals_the_plain_forward(smollm2, ids):
     model, _ = smollm2
     logprobs = jax.nn.log_softmax(forward(model, jnp.asarray(ids[None]))[0, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logprobs, jnp.asarray(ids[1:, None]), axis=-1).mean()
+    per_token = -jnp.take_along_axis(logprobs, jnp.asarray(ids[1:, None]), axis=-1)[:, 0]
+    np.testing.assert_allclose(token_nll(model, ids), per_token, atol=2e-4)
+    nll = per_token.mean()
     result = decode_perplexity(model, ids)
     assert result["perplexity"] == pytest.approx(float(jnp.exp(nll)), rel=1e-5)
     assert result["tokens"] == 400 and result["approx_tokens"] == 0
@@ -39,6 +41,8 @@ def test_budgets_order_the_methods(smollm2, ids):
     covering = decode_perplexity(model, ids, OracleAttention(budget=400))["perplexity"]
     oracle = decode_perplexity(model, ids, OracleAttention(budget=96))["perplexity"]
     streaming = decode_perplexity(model, ids, StreamingAttention(budget=96))["perplexity"]
+    per_token = token_nll(model, ids, StreamingAttention(budget=96))
+    assert float(np.exp(per_token.mean())) == pytest.approx(streaming, rel=1e-5)
     print(f"full {full:.3f}  oracle@96 {oracle:.3f}  streaming@96 {streaming:.3f}")
     np.testing.assert_allclose(covering, full, rtol=1e-4)
     assert full <= oracle * 1.001 and oracle < streaming

@@ -33,14 +33,9 @@ def decode_perplexity(model: Llama, ids: np.ndarray, attention: Attention | None
     attention = attention or FullAttention()
     if isinstance(attention, EvictionAttention):  # no one-pass teacher forcing: step by step
         return eviction_perplexity(model, ids, attention)
-    if isinstance(attention, SparseAttention):
-        attention = dataclasses.replace(attention, teacher_forced=True)
-    ids = jnp.asarray(ids, jnp.int32)[None]
-    t = ids.shape[1]
-    cache = model.init_cache(1, t, attention)
-    logits, cache = prefill(model, ids, cache, attention, all_logits=True)
-    logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    nll = float(-jnp.take_along_axis(logprobs, ids[0, 1:, None], axis=-1).mean())
+    t = len(ids)
+    nll, cache = _teacher_forced(model, ids, attention)
+    nll = float(nll.mean())
     mean_visible = (t + 1) / 2  # position p sees p + 1 tokens
     usage = getattr(cache, "usage", None)
     if usage is None:  # full attention: every visible token, exactly
@@ -63,6 +58,31 @@ def decode_perplexity(model: Llama, ids: np.ndarray, attention: Attention | None
             "bytes": step_bytes.round(1).tolist(),
         },
     }
+
+
+def token_nll(model: Llama, ids: np.ndarray, attention: Attention | None = None) -> np.ndarray:
+    """ids [T] -> [T - 1]: the negative log-likelihood of each next token under `attention`
+    (entry p scores ids[p + 1] from the positions up to p), what `decode_perplexity` averages."""
+    attention = attention or FullAttention()
+    if isinstance(attention, EvictionAttention):  # step by step, as `eviction_perplexity`
+        attention = attention.appending(len(ids) - 1)
+        cache = model.init_cache(1, len(ids), attention)
+        nll, _, _ = _decode_each_position(
+            model, jnp.asarray(ids, jnp.int32)[None], cache, attention
+        )
+        return np.asarray(nll[:, 0])
+    return np.asarray(_teacher_forced(model, ids, attention)[0])
+
+
+def _teacher_forced(model, ids, attention):
+    """One prefill in which every position attends through `attention` -> (nll [T - 1], cache)."""
+    if isinstance(attention, SparseAttention):
+        attention = dataclasses.replace(attention, teacher_forced=True)
+    ids = jnp.asarray(ids, jnp.int32)[None]
+    cache = model.init_cache(1, ids.shape[1], attention)
+    logits, cache = prefill(model, ids, cache, attention, all_logits=True)
+    logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+    return -jnp.take_along_axis(logprobs, ids[0, 1:, None], axis=-1)[:, 0], cache
 
 
 def layer_bytes(attention, exact, approx, n_tokens, config, dtype) -> np.ndarray:
