@@ -16,8 +16,10 @@ from tokenizers import Tokenizer, models
 
 from dashkv_jax import data, load_model
 from dashkv_jax.attention.full import FullAttention
+from dashkv_jax.attention.methods import make_attention
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.generate import generate_ids
+from dashkv_jax.hashing import artifact
 from dashkv_jax.models import loaders
 from dashkv_jax.models.gemma3 import Gemma3, Gemma3Cache, layer_runs, pattern_period
 from dashkv_jax.models.llama import capture_qk, decode_step, forward, prefill
@@ -148,6 +150,29 @@ def test_capture_qk_is_the_global_layers_cache(gemma3, heldout_ids):
     assert q.shape == (3, 1, 48, 4, 256) and k.shape == (3, 1, 48, 1, 256)
     _, cache = prefill(model, ids, model.init_cache(1, 48, FULL), FULL)
     np.testing.assert_allclose(k.transpose(0, 1, 3, 2, 4), cache.k, atol=1e-6)
+
+
+def test_the_shipped_gemma3_hasher_fits_and_decodes(gemma3, heldout_ids):
+    """checkpoints/gemma3-270m: found for the model by id, trained on <= 2K windows, ahead of
+    SimHash on validation, and decoding through it is full attention's where the budget holds
+    the whole prompt (every token exact)."""
+    model, _ = gemma3
+    folder = artifact.shipped_hasher(model)
+    assert folder is not None and folder.name == "gemma3-270m"
+    hasher = artifact.load_hasher(folder, model)
+    c = hasher.config
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (3, 4, 1, 256)
+    assert 0 < c.train_length <= 2048 and (c.dense_first, c.dense_last) == (0, 0)
+    held = artifact.read_metadata(folder)["heldout"]
+    assert held["asymmetric"]["recall_at_100"] > held["simhash"]["recall_at_100"]
+    assert artifact.read_metadata(folder)["checksums"] == artifact.file_checksums(folder / "params")
+    prompt = jnp.asarray(heldout_ids[None, :80])
+    dashkv = make_attention("dashkv", 100, model)  # 4 sinks + 64 window + 32: all of 80 + 8
+    assert dashkv.hasher.config.model_id == c.model_id
+    key = jax.random.key(0)
+    full, _ = generate_ids(model, prompt, key, max_new_tokens=8)
+    ours, _ = generate_ids(model, prompt, key, max_new_tokens=8, attention=dashkv)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(full))
 
 
 def test_bfloat16_logits_close_to_float32(gemma3, heldout_ids, our_logits):

@@ -5,7 +5,10 @@ Gemma 3 has 3 global layers (the local ones keep their own sliding window and ne
 of 4 query heads sharing 1 KV head, head_dim 256: with one KV head there is no cross-head vote,
 so consensus never fires; momentum, tier 2 and the residual train as for SmolLM2. Windows are
 shifted along RoPE as for smollm2_2k. No layer is kept exact: the 3 global layers are all the
-attention DASH-KV can save.
+attention DASH-KV can save. Shipped as checkpoints/gemma3-270m (6 minutes on a 2-core CPU). The
+forward KL (TrainConfig's default) was chosen on validation text at 8192 tokens, exact budget
+256: Recall@100 / KL 0.405 / 0.308 against 0.358 / 0.373 with the paper's reverse KL (SimHash
+0.092 / 0.468).
 """
 
 import dataclasses
