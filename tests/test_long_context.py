@@ -84,13 +84,9 @@ def haystack(smollm2):
     return synthetic.Haystack(smollm2[1])
 
 
-# Measured with the shipped hasher (RoPE-shifted, tier 2 at 1/64, 0 or 1/32 alike): at depth
-# 0.5 DASH-KV answers "The pass key is 2761." where full attention answers 27611. Known, kept
-# visible: strict, so a fix shows up as a failure to update.
-DROPS_A_DIGIT = pytest.mark.xfail(strict=True, reason="DASH-KV drops the key's last digit")
-
-
-@pytest.mark.parametrize("depth", [0.1, pytest.param(0.5, marks=DROPS_A_DIGIT), 0.9])
+# The hasher trained on the paper's reverse KL answered "2761" for 27611 at depth 0.5 (it missed
+# the key an induction head copies from); the forward-KL one finds all three.
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
 def test_dashkv_finds_a_passkey_whenever_full_attention_does(smollm2, haystack, depth):
     model, tokenizer = smollm2
     sample = synthetic.passkey(haystack, CONTEXT - 64, depth, seed=1)
