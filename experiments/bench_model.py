@@ -4,13 +4,18 @@
     python experiments/bench_model.py --prefill 512 --decode 512 --json out.json
 
 Prints a table and writes JSON (with the machine it ran on). Each figure is the median of
-`--repeats` timed runs after one compile-and-warm-up run.
+`--repeats` timed runs after one compile-and-warm-up run. Prefill rows also give the process's
+peak resident memory so far (`peak_rss_gb`): lengths run in the order given, so a length's own
+peak is exact when it is the longest so far (or alone: `--prefill 32768 --decode ''`).
+
+    python experiments/bench_model.py --model gemma3-270m --prefill 8192,32768 --decode ''
 """
 
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -67,7 +72,13 @@ def bench_prefill(model, tokenizer, length: int, repeats: int) -> dict:
         "tokens": length,
         "seconds": seconds,
         "tokens_per_s": length / seconds,
+        "peak_rss_gb": peak_rss_gb(),
     }
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench_decode(model, tokenizer, context: int, steps: int, repeats: int) -> dict:
@@ -103,7 +114,11 @@ def main(argv=None):
     rows = []
     for n in (int(x) for x in args.prefill.split(",") if x):
         rows.append(bench_prefill(model, tokenizer, n, args.repeats))
-        print(f"prefill {n:>6} tokens: {rows[-1]['tokens_per_s']:10.1f} tokens/s", flush=True)
+        print(
+            f"prefill {n:>6} tokens: {rows[-1]['tokens_per_s']:10.1f} tokens/s, peak resident "
+            f"memory so far {rows[-1]['peak_rss_gb']:.2f} GiB",
+            flush=True,
+        )
     for n in (int(x) for x in args.decode.split(",") if x):
         rows.append(bench_decode(model, tokenizer, n, args.steps, args.repeats))
         print(f"decode at {n:>6}:     {rows[-1]['tokens_per_s']:10.1f} tokens/s", flush=True)
