@@ -219,6 +219,19 @@ def split_of(key: str, heldout_fraction: float, seed: int = 0) -> str:
     return "validation" if is_heldout(key, VALIDATION_FRACTION, seed + 1) else "train"
 
 
+def first_window(split: str, tokenizer, length: int, *, max_context: int) -> np.ndarray:
+    """The first `length` token ids [length] of a split of the bundled corpus, its documents
+    joined: the window the experiments score. Raises DashKVError when `length` exceeds the
+    model's `max_context` or the split is shorter."""
+    if length > max_context:
+        raise DashKVError(f"context {length} exceeds the model's context of {max_context}")
+    docs = load_documents(split=split)
+    ids = next(iter_token_windows(docs, tokenizer, length, concatenate=True), None)
+    if ids is None:
+        raise DashKVError(f"the {split} split has fewer than {length} tokens")
+    return ids
+
+
 def iter_token_windows(
     documents: Iterable[str] | datasets.Dataset,
     tokenizer,

@@ -69,10 +69,9 @@ def build(model, name: str, args):
 
 def run(args) -> dict:
     model, tokenizer = load_model(args.model)
-    docs = data.load_documents(split=args.split)
-    ids = next(data.iter_token_windows(docs, tokenizer, args.context, concatenate=True), None)
-    if ids is None:
-        raise DashKVError(f"the {args.split} split has fewer than {args.context} tokens")
+    ids = data.first_window(
+        args.split, tokenizer, args.context, max_context=model.config.max_position
+    )
     sample = CaptureConfig(split="text", context=args.context, contexts=1,
                            queries_per_context=args.queries, seed=0)  # fmt: skip
     positions = sample_positions(sample, 0)

@@ -43,10 +43,9 @@ def choose_sandwich(increase: np.ndarray, factor: float) -> tuple[int, int]:
 
 def run(args) -> dict:
     model, tokenizer = load_model(args.model)
-    docs = data.load_documents(split=args.split)
-    ids = next(data.iter_token_windows(docs, tokenizer, args.context, concatenate=True), None)
-    if ids is None:
-        raise DashKVError(f"the {args.split} split has fewer than {args.context} tokens")
+    ids = data.first_window(
+        args.split, tokenizer, args.context, max_context=model.config.max_position
+    )
     layers = model.config.num_layers
     start = time.perf_counter()
     full = decode_perplexity(model, ids)["perplexity"]

@@ -54,11 +54,9 @@ def copies(ids: np.ndarray) -> np.ndarray:
 
 def run(args) -> dict:
     model, tokenizer = load_model(args.model)
-    docs = data.load_documents(split=args.split)
-    ids = next(data.iter_token_windows(docs, tokenizer, args.context, concatenate=True), None)
-    if ids is None:
-        raise DashKVError(f"the {args.split} split has fewer than {args.context} tokens")
-    ids = np.asarray(ids, np.int32)
+    ids = data.first_window(
+        args.split, tokenizer, args.context, max_context=model.config.max_position
+    )
     attentions = make_methods(
         model, args.methods, args.context, args.budget, args.tier2, args.hasher, None, None
     )  # bad input fails before the long runs

@@ -193,3 +193,14 @@ def test_ablation_refuses_unknown_rows_and_a_missing_bt_hasher(capsys):
     assert "unknown row" in capsys.readouterr().err
     assert ablation.main(["--rows", "bt", "--context", "1024"]) == 2
     assert "--bt-hasher" in capsys.readouterr().err
+
+
+def test_perplexity_gaps_counts_copies_and_refuses_a_context_past_the_models(capsys):
+    import perplexity_gaps
+
+    # Bigrams (5, 6) and (6, 7) recur: entries 3 and 4 score tokens that repeat them.
+    ids = np.array([5, 6, 7, 5, 6, 7, 8])
+    assert perplexity_gaps.copies(ids).tolist() == [False, False, False, True, True, False]
+    assert perplexity_gaps.main(["--context", "100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["perplexity_gaps: error: context 100000 exceeds the model's context of 8192"]
