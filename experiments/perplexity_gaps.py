@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashkv_jax import data  # noqa: E402
 from dashkv_jax.attention.methods import make_methods  # noqa: E402
+from dashkv_jax.attention.sparse import SparseAttention  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.evaluation.perplexity import token_nll  # noqa: E402
 from dashkv_jax.evaluation.recall import method_metrics  # noqa: E402
@@ -60,6 +61,11 @@ def run(args) -> dict:
     attentions = make_methods(
         model, args.methods, args.context, args.budget, args.tier2, args.hasher, None, None
     )  # bad input fails before the long runs
+    if stepwise := [n for n, a in attentions.items() if not isinstance(a, SparseAttention)]:
+        raise DashKVError(
+            f"{', '.join(stepwise)}: not a selection method (the layers at the worst positions "
+            "are read through a selection's decode path); give simhash, dashkv, oracle, ..."
+        )
     full = token_nll(model, ids)
     excess = {}
     for name, attention in tqdm(attentions.items(), desc="methods", unit="method"):
@@ -187,12 +193,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
     args.focus = args.focus or args.methods[-1]
-    if args.focus not in args.methods:
-        parser.error(f"--focus {args.focus} is not one of --methods")
-    if args.hasher and not args.hasher.is_dir():
-        parser.error(f"--hasher {args.hasher} is not a folder")
     start = time.perf_counter()
     try:
+        if args.focus not in args.methods:
+            raise DashKVError(f"--focus {args.focus} is not one of --methods")
         result = run(args)
     except DashKVError as err:
         print(f"perplexity_gaps: error: {err}", file=sys.stderr)

@@ -65,12 +65,7 @@ def token_nll(model: Llama, ids: np.ndarray, attention: Attention | None = None)
     (entry p scores ids[p + 1] from the positions up to p), what `decode_perplexity` averages."""
     attention = attention or FullAttention()
     if isinstance(attention, EvictionAttention):  # step by step, as `eviction_perplexity`
-        attention = attention.appending(len(ids) - 1)
-        cache = model.init_cache(1, len(ids), attention)
-        nll, _, _ = _decode_each_position(
-            model, jnp.asarray(ids, jnp.int32)[None], cache, attention
-        )
-        return np.asarray(nll[:, 0])
+        return np.asarray(_stepwise(model, ids, attention)[0][:, 0])
     return np.asarray(_teacher_forced(model, ids, attention)[0])
 
 
@@ -111,12 +106,8 @@ def eviction_perplexity(model: Llama, ids: np.ndarray, attention: EvictionAttent
     `decode_step` per position in a `lax.scan`. SnapKV compresses only a prompt, so after a
     one-token prompt it appends every token and equals full attention.
     """
-    ids = jnp.asarray(ids, jnp.int32)[None]
-    t = ids.shape[1]
-    attention = attention.appending(t - 1)
-    nll, usage, cache = _decode_each_position(
-        model, ids, model.init_cache(1, t, attention), attention
-    )
+    t = len(ids)
+    nll, usage, cache = _stepwise(model, ids, attention)
     nll = float(nll.mean())
     # Position 0 (the prompt) reads itself in every layer; each later one what usage says.
     usage = (np.asarray(usage).mean(axis=(2, 3)).sum(axis=0) + [1.0, 0.0]) / t  # [L, 2]
@@ -137,6 +128,14 @@ def eviction_perplexity(model: Llama, ids: np.ndarray, attention: EvictionAttent
             "bytes": step_bytes.round(1).tolist(),
         },
     }
+
+
+def _stepwise(model, ids, attention: EvictionAttention):
+    """ids [T] prefilled one token, then decoded one by one, with room to append them all ->
+    `_decode_each_position`'s (nll [T - 1, 1], usage, cache)."""
+    attention = attention.appending(len(ids) - 1)
+    cache = model.init_cache(1, len(ids), attention)
+    return _decode_each_position(model, jnp.asarray(ids, jnp.int32)[None], cache, attention)
 
 
 @functools.partial(nnx.jit, graph_updates=False, donate_argnames="cache")
