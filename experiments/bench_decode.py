@@ -269,7 +269,7 @@ def stage_times(n: int, args) -> dict:
         return dashkv.encode_query(q, layer)
 
     def scan(cache, q):
-        return dashkv.distances(cache.codes[layer], encode(cache, q), lo, hi)
+        return dashkv.distances(cache.codes, layer, encode(cache, q), lo, hi)
 
     def calibrate(cache, q):
         distance, hist = scan(cache, q)

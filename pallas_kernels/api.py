@@ -218,14 +218,17 @@ def hamming_histogram(
     lo: jax.Array,
     hi: jax.Array,
     *,
+    layer: jax.Array | None = None,
     implementation: Implementation | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Hamming distances of the selectable slots and their histogram, from one pass over the codes.
 
     Args:
       q_codes: [B, Hkv, G, W] uint32: the G query heads sharing each KV head, b = 32 * W bits.
-      k_codes: [B, Hkv, N, W] uint32 key codes.
+      k_codes: [B, Hkv, N, W] uint32 key codes; or, with `layer`, every layer's [L, B, Hkv, N, W].
       lo, hi: [B] int32: row b's selectable slots are lo[b] <= n < hi[b] (none when hi <= lo).
+      layer: int32 scalar, the layer of `k_codes` to read. The XLA path reads it in place; a
+        slice taken by the caller is copied first (at N = 1M on CPU, 4x the scan itself).
       implementation: see the module docstring.
 
     Returns:
@@ -233,9 +236,13 @@ def hamming_histogram(
         selectable slots; `DISTANCE_SENTINEL` (int32 max) elsewhere.
       histogram [B, Hkv, G*b + 1] int32: histogram[d] = selectable slots with distance d.
     """
-    common.check_histogram_inputs(q_codes, k_codes, lo, hi)
+    one_layer = k_codes if layer is None else jax.ShapeDtypeStruct(k_codes.shape[1:], k_codes.dtype)
+    common.check_histogram_inputs(q_codes, one_layer, lo, hi)
     implementation = resolve_implementation(implementation, k_codes.shape[-1])
-    return _HISTOGRAM[implementation](q_codes, k_codes, lo, hi)
+    if implementation == "xla":
+        return reference.hamming_histogram_reference(q_codes, k_codes, lo, hi, layer=layer)
+    layer_codes = k_codes if layer is None else k_codes[layer]
+    return _HISTOGRAM[implementation](q_codes, layer_codes, lo, hi)
 
 
 _rank_threshold = jax.jit(reference.rank_threshold)

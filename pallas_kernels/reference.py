@@ -198,9 +198,10 @@ def masked_distances(
 
 def hamming_histogram_reference(
     q_codes: jax.Array,  # [B, Hkv, G, W] uint32
-    k_codes: jax.Array,  # [B, Hkv, N, W] uint32
+    k_codes: jax.Array,  # [B, Hkv, N, W] uint32, or [L, B, Hkv, N, W] with `layer`
     lo: jax.Array,  # [B] int32
     hi: jax.Array,  # [B] int32
+    layer: jax.Array | None = None,  # int32 scalar
 ) -> tuple[jax.Array, jax.Array]:  # [B, Hkv, N] int32, [B, Hkv, G*b + 1] int32
     """Distances sum_g popcount(q_g XOR k) of the selectable slots (DISTANCE_SENTINEL elsewhere)
     and their histogram, from one evaluation of the distances.
@@ -208,9 +209,15 @@ def hamming_histogram_reference(
     The histogram is one scatter-add over a flat [B * Hkv * bins] array (bin row * bins + D);
     slots outside [lo, hi) point past its end and are dropped.
     """
+
+    def layer_distances(q_codes, k_codes, lo, hi, layer):
+        # Sliced here, inside the conditional, the layer is read in place: an operand of the
+        # conditional is materialised first (a copy of the layer, 4x the scan at N = 1M).
+        return masked_distances(q_codes, k_codes if layer is None else k_codes[layer], lo, hi)
+
     # Fused into both consumers (this output and the scatter's indices), the popcounts would
     # read the codes twice.
-    distances = unfused(masked_distances, q_codes, k_codes, lo, hi)  # [B, Hkv, N]
+    distances = unfused(layer_distances, q_codes, k_codes, lo, hi, layer)  # [B, Hkv, N]
     return distances, distance_histogram(distances, common.histogram_bins(q_codes.shape))
 
 

@@ -253,6 +253,20 @@ class SelectionSuite:
         assert_equal(distances, numpy_distances(q, k, lo, hi))
         assert_equal(histogram, numpy_histogram(np.asarray(expected[0]), g_size * bits + 1))
 
+    def test_histogram_reads_a_layer_in_place(self):
+        # With `layer`, k_codes is every layer's cache [L, B, Hkv, N, W]: the result is that of
+        # the layer's slice, read without copying it first.
+        rng = np.random.default_rng(3)
+        q, k = random_codes(rng, 2, 2, 3, 300, 64)
+        layers = jnp.stack([k ^ jnp.uint32(0x5A5A5A5A), k, ~k])  # [3, B, Hkv, N, W]
+        lo, hi = ragged_bounds(rng, 2, 300)
+        for layer in range(3):
+            got = pk.hamming_histogram(
+                q, layers, lo, hi, layer=jnp.int32(layer), implementation=self.IMPLEMENTATION
+            )
+            for got_part, want in zip(got, self.histogram(q, layers[layer], lo, hi), strict=True):
+                assert_equal(got_part, want)
+
     def test_select_with_ties(self):
         rng = np.random.default_rng(7)
         n_tokens = 1100

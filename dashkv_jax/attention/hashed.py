@@ -195,13 +195,15 @@ class HashedAttention(SparseAttention):
             return self.hasher.encode_queries(flat, layer).reshape(b, hkv, g, -1)
         return self.hasher.query_weights(flat, layer).reshape(b, hkv, g, -1)
 
-    def distances(self, codes: Array, query: Array, lo: Array, hi: Array):
-        """Group distances of the selectable slots [lo, hi) of codes [B, Hkv, N, W] and their
-        histogram -> ([B, Hkv, N] int32, sentinel elsewhere; [B, Hkv, bins] int32)."""
+    def distances(self, codes: Array, layer: Array, query: Array, lo: Array, hi: Array):
+        """Group distances of the selectable slots [lo, hi) of layer `layer` of the code cache
+        [L, B, Hkv, N, W] and their histogram -> ([B, Hkv, N] int32, sentinel elsewhere;
+        [B, Hkv, bins] int32)."""
         if self.scoring == "hamming":
             return pallas_kernels.hamming_histogram(
-                query, codes, lo, hi, implementation=self.implementation
+                query, codes, lo, hi, layer=layer, implementation=self.implementation
             )
+        codes = codes[layer]
         scores = pallas_kernels.asymmetric_scores(
             query, codes, hi, implementation=self.implementation
         )  # [B, Hkv, N], -inf at slots >= hi
@@ -260,7 +262,7 @@ class HashedAttention(SparseAttention):
         n = cache.codes.shape[3]
         query = self.encode_query(q, layer)
         distance, hist = self.distances(
-            cache.codes[layer], query, jnp.clip(lo - offset, 0, n), jnp.clip(hi - offset, 0, n)
+            cache.codes, layer, query, jnp.clip(lo - offset, 0, n), jnp.clip(hi - offset, 0, n)
         )
         first = layer == self.dense_first  # no DASH-KV layer before it in this step
         distance, hist = self.calibrate(
