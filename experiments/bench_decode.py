@@ -262,8 +262,6 @@ def stage_times(n: int, args) -> dict:
     middle = hi - lo
     k1 = jnp.minimum(dashkv.selected, middle)[:, None]
     k2 = jnp.minimum(dashkv.tier2, middle[:, None] - k1)
-    heads = q.shape[:2]
-    none = (jnp.full(heads, -1, jnp.int32), jnp.zeros(heads, jnp.int32))
 
     def encode(cache, q):
         return dashkv.encode_query(q, layer)
@@ -285,8 +283,8 @@ def stage_times(n: int, args) -> dict:
 
     def compact(cache, q):
         distance, t1, t2 = thresholds(cache, q)
-        tier1 = pallas_kernels.select_ranks(distance, none, t1, dashkv.selected)[0]
-        return tier1, pallas_kernels.select_ranks(distance, t1, t2, dashkv.tier2)[0]
+        tiers = pallas_kernels.select_tiers(distance, (t1, t2), (dashkv.selected, dashkv.tier2))
+        return tiers[0][0], tiers[1][0]
 
     def attend(cache, q):  # the whole step
         return dashkv.attend_critical(cache, layer, q, pos, prior)[0]

@@ -12,7 +12,7 @@ sort and no top_k over N on any backend:
   `rank_threshold`     (T, ties) of a rank k from the cumulative histogram;
   `select_ranks`       the slots of rank in [k_a, k_b) (rank order: distance, then slot),
                        ascending, in a fixed-size index list, by one prefix-sum pass over N.
-DASH-KV's tiers are `select_ranks` of ranks [0, k1) and [k1, k1 + k2).
+  `select_tiers`       `select_ranks` of consecutive ranges [0, k1), [k1, k1 + k2): DASH-KV's tiers.
 
 Sparse attention over the rows a slot list names (DESIGN.md section 3.4), the gather fused into
 the kernel (no [B, Hkv, K, D] copy of the rows in memory):
@@ -40,6 +40,7 @@ from pallas_kernels.api import (
     rank_threshold,
     resolve_implementation,
     select_ranks,
+    select_tiers,
     select_topk,
 )
 from pallas_kernels.common import ASYMMETRIC_SENTINEL, DISTANCE_SENTINEL, HAMMING_SENTINEL
@@ -51,6 +52,7 @@ from pallas_kernels.reference import (
     hamming_histogram_reference,
     hamming_scores_reference,
     select_ranks_reference,
+    select_tiers_reference,
     select_topk_reference,
 )
 
@@ -78,6 +80,8 @@ __all__ = [
     "resolve_implementation",
     "select_ranks",
     "select_ranks_reference",
+    "select_tiers",
+    "select_tiers_reference",
     "select_topk",
     "select_topk_reference",
     "unpack_bits",

@@ -315,6 +315,34 @@ def select_ranks(
     return _SELECT_RANKS[implementation](distances, tuple(lower), tuple(upper), size)
 
 
+def select_tiers(
+    distances: jax.Array,
+    uppers: tuple[tuple[jax.Array, jax.Array], ...],
+    sizes: tuple[int, ...],
+    *,
+    implementation: Implementation | None = None,
+) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """`select_ranks` of consecutive rank ranges [0, k_1), [k_1, k_2), ... (DASH-KV's tiers),
+    given (T_i, ties_i) = rank_threshold(histogram, k_i): one (indices [B, Hkv, sizes[i]],
+    count [B, Hkv]) per range, equal to those `select_ranks` calls. The XLA path computes each
+    rank's mask once for the two ranges it bounds; the kernels run one `select_ranks` a range."""
+    if len(uppers) != len(sizes):
+        raise ValueError(f"one size per rank bound, got {len(uppers)=} {len(sizes)=}")
+    heads = distances.shape[:2]
+    lowers = [(jnp.full(heads, -1, jnp.int32), jnp.zeros(heads, jnp.int32)), *uppers[:-1]]
+    for lower, upper, size in zip(lowers, uppers, sizes, strict=True):
+        common.check_select_inputs(distances, lower, upper, size)
+    if resolve_implementation(implementation, 1) != "xla" or 0 in sizes:
+        return tuple(
+            select_ranks(distances, lower, upper, size, implementation=implementation)
+            for lower, upper, size in zip(lowers, uppers, sizes, strict=True)
+        )
+    return _select_tiers(distances, tuple(map(tuple, uppers)), tuple(sizes))
+
+
+_select_tiers = jax.jit(reference.select_tiers_reference, static_argnames=("sizes",))
+
+
 def _resolve_sparse(implementation: str | None, head_dim: int) -> str:
     """As `resolve_implementation`; None avoids pallas_gpu for a head_dim that is not a power of
     two (Triton's tensor sizes)."""

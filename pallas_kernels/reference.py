@@ -342,6 +342,15 @@ def compact_words(words: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(rank < count[:, None], word * WORD_BITS + bit, -1), count
 
 
+def _below_rank(rows: jax.Array, threshold: jax.Array, ties: jax.Array) -> jax.Array:
+    """rows [R, N] int32, (threshold, ties) [R] each -> [R, N] bool: the slots below that rank,
+    D < T, or D == T and below `tie_cut` of the packed D == T mask."""
+    slot = jnp.arange(rows.shape[1], dtype=jnp.int32)[None, :]
+    threshold = threshold[:, None]
+    cut = tie_cut(pack_rows(rows == threshold), ties)  # [R]
+    return (rows < threshold) | ((rows == threshold) & (slot < cut[:, None]))
+
+
 def select_ranks_reference(
     distances: jax.Array,  # [B, Hkv, N] int32
     lower: tuple[jax.Array, jax.Array],  # (T_a, ties_a) [B, Hkv] int32 each
@@ -355,18 +364,30 @@ def select_ranks_reference(
     D == T mask. Ranks below k_b and not below k_a are packed into N / 32 words and compacted.
     """
     batch, kv_heads, n_tokens = distances.shape
-    n_rows = batch * kv_heads
-    rows = distances.reshape(n_rows, n_tokens)
-    slot = jnp.arange(n_tokens, dtype=jnp.int32)[None, :]
-
-    def below_rank(threshold, ties):  # [B, Hkv] each -> [R, N] bool
-        threshold, ties = threshold.reshape(n_rows, 1), ties.reshape(n_rows)
-        cut = tie_cut(pack_rows(rows == threshold), ties)  # [R]
-        return (rows < threshold) | ((rows == threshold) & (slot < cut[:, None]))
-
-    selected = below_rank(*upper) & ~below_rank(*lower)
-    indices, count = compact_words(pack_rows(selected), size)
+    rows = distances.reshape(batch * kv_heads, n_tokens)
+    below = [_below_rank(rows, t.reshape(-1), ties.reshape(-1)) for t, ties in (lower, upper)]
+    indices, count = compact_words(pack_rows(below[1] & ~below[0]), size)
     return indices.reshape(batch, kv_heads, size), count.reshape(batch, kv_heads)
+
+
+def select_tiers_reference(
+    distances: jax.Array,  # [B, Hkv, N] int32
+    uppers: tuple[tuple[jax.Array, jax.Array], ...],  # (T_i, ties_i) [B, Hkv] int32 each
+    sizes: tuple[int, ...],
+) -> tuple[tuple[jax.Array, jax.Array], ...]:  # ([B, Hkv, size_i], [B, Hkv]) int32 per tier
+    """`select_ranks` of the consecutive rank ranges [0, k_1), [k_1, k_2), ...: each rank's
+    below-mask is computed once and shared by the two tiers it bounds."""
+    batch, kv_heads, n_tokens = distances.shape
+    rows = distances.reshape(batch * kv_heads, n_tokens)
+    tiers, before = [], None
+    for (threshold, ties), size in zip(uppers, sizes, strict=True):
+        below = _below_rank(rows, threshold.reshape(-1), ties.reshape(-1))
+        indices, count = compact_words(
+            pack_rows(below if before is None else below & ~before), size
+        )
+        tiers.append((indices.reshape(batch, kv_heads, size), count.reshape(batch, kv_heads)))
+        before = below
+    return tuple(tiers)
 
 
 # --- Sparse attention: K and V rows read by slot -----------------------------------------------

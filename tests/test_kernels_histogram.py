@@ -288,6 +288,29 @@ class SelectionSuite:
         k_b = k_a + jnp.asarray(rng.integers(0, 60, size=(4, 2)), jnp.int32)
         self.check_selection(distances, histogram, k_a, k_b, 64)
 
+    def test_select_tiers_equals_select_ranks(self):
+        # Consecutive ranges [0, k1), [k1, k2) with ties at both thresholds: the shared-mask
+        # route returns what one select_ranks call per range returns, and NumPy agrees.
+        rng = np.random.default_rng(11)
+        n_tokens = 1100
+        q, k = random_codes(rng, 4, 2, 3, n_tokens, 64, pool=12)
+        lo, hi = ragged_bounds(rng, 4, n_tokens)
+        distances, histogram = self.histogram(q, k, lo, hi)
+        k1 = jnp.asarray(rng.integers(0, 300, size=(4, 2)), jnp.int32)
+        k2 = k1 + jnp.asarray(rng.integers(0, 60, size=(4, 2)), jnp.int32)
+        bounds = (pk.rank_threshold(histogram, k1), pk.rank_threshold(histogram, k2))
+        tiers = pk.select_tiers(distances, bounds, (64, 32), implementation=self.IMPLEMENTATION)
+        lowers = (pk.rank_threshold(histogram, 0), bounds[0])
+        ranges = ((0, k1, 64), (k1, k2, 32))
+        for (got, count), lower, upper, (k_a, k_b, size) in zip(
+            tiers, lowers, bounds, ranges, strict=True
+        ):
+            want = self.select(distances, lower, upper, size)
+            assert_equal(got, want[0])
+            assert_equal(count, want[1])
+            expected = numpy_select(np.asarray(distances), k_a, k_b, size)
+            assert_equal(got, expected[0])
+
     def test_property_ragged(self):
         @hypothesis.settings(max_examples=self.HYPOTHESIS_EXAMPLES, deadline=None, derandomize=True)
         @hypothesis.given(

@@ -277,18 +277,15 @@ class HashedAttention(SparseAttention):
             ties = jnp.clip(ties - earlier, 0, at)
             return threshold, jnp.where(threshold >= 0, ties, 0)
 
-        heads = q.shape[:2]
-        none = (jnp.full(heads, -1, jnp.int32), jnp.zeros(heads, jnp.int32))
-        t1 = local(pallas_kernels.rank_threshold(total, k1))
-        tier1, _ = pallas_kernels.select_ranks(
-            distance, none, t1, self.selected, implementation=self.implementation
-        )
-        tier2 = jnp.full((*heads, 0), -1, jnp.int32)
+        bounds, sizes = [local(pallas_kernels.rank_threshold(total, k1))], [self.selected]
         if self.tier2:
-            t2 = local(pallas_kernels.rank_threshold(total, k1 + k2))
-            tier2, _ = pallas_kernels.select_ranks(
-                distance, t1, t2, self.tier2, implementation=self.implementation
-            )
+            bounds.append(local(pallas_kernels.rank_threshold(total, k1 + k2)))
+            sizes.append(self.tier2)
+        tiers = pallas_kernels.select_tiers(
+            distance, tuple(bounds), tuple(sizes), implementation=self.implementation
+        )  # ranks [0, k1), then [k1, k1 + k2)
+        tier1 = tiers[0][0]
+        tier2 = tiers[1][0] if self.tier2 else jnp.full((*q.shape[:2], 0), -1, jnp.int32)
 
         def to_global(slots):
             return jnp.where(slots >= 0, slots + offset, -1)
