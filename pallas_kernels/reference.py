@@ -257,13 +257,23 @@ def rank_threshold(
 
 
 def pack_rows(mask: jax.Array) -> jax.Array:
-    """[..., N] bool -> [..., ceil(N / 32)] uint32, bit i of word w = mask[..., 32 * w + i]."""
+    """[..., N] bool -> [..., ceil(N / 32)] uint32, bit i of word w = mask[..., 32 * w + i].
+
+    The whole words and the last partial one are packed apart: padding the mask to whole words
+    inside the fused loop made XLA:CPU run it unvectorised, 10x slower (a cache of 32786 slots
+    decoded 3x slower than one of 32832)."""
     *lead, n = mask.shape
-    n_words = -(-n // WORD_BITS)
-    mask = jnp.pad(mask, [(0, 0)] * len(lead) + [(0, n_words * WORD_BITS - n)])
-    bits = mask.reshape(*lead, n_words, WORD_BITS).astype(jnp.uint32)
-    # Distinct powers of two: the sum is a bitwise OR.
-    return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+    whole = n // WORD_BITS * WORD_BITS
+
+    def pack(bits):  # [..., 32 k] bool -> [..., k] uint32
+        bits = bits.reshape(*lead, -1, WORD_BITS).astype(jnp.uint32)
+        # Distinct powers of two: the sum is a bitwise OR.
+        return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+    if whole == n:
+        return pack(mask)
+    tail = jnp.pad(mask[..., whole:], [(0, 0)] * len(lead) + [(0, whole + WORD_BITS - n)])
+    return jnp.concatenate([pack(mask[..., :whole]), pack(tail)], axis=-1)
 
 
 def nth_set_bit_in_word(word: jax.Array, n: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels import common
+from pallas_kernels import common, reference
 
 RADIX_BITS = 12
 RADIX_BINS = 1 << RADIX_BITS
@@ -99,26 +99,6 @@ def kth_largest_key(
     return threshold, needed
 
 
-def pack_mask(mask: jax.Array) -> jax.Array:
-    """[N] bool -> [ceil(N / 32)] uint32, bit i of word w = mask[32 * w + i]."""
-    n_words = -(-mask.shape[0] // WORD_BITS)
-    mask = jnp.pad(mask, (0, n_words * WORD_BITS - mask.shape[0]))
-    bits = mask.reshape(n_words, WORD_BITS).astype(jnp.uint32)
-    return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-
-def _nth_set_bit_in_word(word: jax.Array, n: jax.Array) -> jax.Array:
-    """Position of the n-th (0-based) set bit of uint32 `word`; needs n < popcount(word)."""
-    position = jnp.zeros(word.shape, jnp.int32)
-    for width in (16, 8, 4, 2, 1):
-        low = lax.population_count(word & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
-        upper = n >= low
-        n = jnp.where(upper, n - low, n)
-        word = jnp.where(upper, word >> width, word)
-        position = position + jnp.where(upper, width, 0)
-    return position
-
-
 def nth_set_bits(words: jax.Array, ranks: jax.Array | int) -> jax.Array:
     """Positions of set bits by rank, in index order from rank 0.
 
@@ -140,7 +120,7 @@ def nth_set_bits(words: jax.Array, ranks: jax.Array | int) -> jax.Array:
     else:
         word = jnp.searchsorted(inclusive, ranks, side="right")
     word = jnp.minimum(word, words.shape[0] - 1)  # [M]
-    bit = _nth_set_bit_in_word(words[word], ranks - (inclusive - counts)[word])
+    bit = reference.nth_set_bit_in_word(words[word], ranks - (inclusive - counts)[word])
     return word * WORD_BITS + bit
 
 
@@ -193,9 +173,9 @@ def select_row(
         lo = jnp.min(jnp.where(keys > _ASYMMETRIC_SENTINEL_KEY, keys, hi))
     threshold, needed = kth_largest_key(keys, k, lo, hi)
     # Ties at the threshold go to the lowest indices: keep the first `needed` of them.
-    tied_words = pack_mask(keys == threshold)
+    tied_words = reference.pack_rows(keys == threshold)
     cut = nth_set_bits(tied_words, needed[None] - 1)[0] + 1  # first tied index not taken
-    picked_words = pack_mask(keys > threshold) | (
+    picked_words = reference.pack_rows(keys > threshold) | (
         tied_words & _prefix_mask(tied_words.shape[0], cut)
     )
     indices = nth_set_bits(picked_words, k)  # [k] ascending
