@@ -3,6 +3,7 @@
     python experiments/bench_decode.py                       # N in {8K .. 1M}, + end to end
     python experiments/bench_decode.py --lengths 131072,1048576 --json
     python experiments/bench_decode.py --stages --lengths 131072,1048576
+    python experiments/bench_decode.py --profile --lengths 1048576 --layers 10
 
 Attention step: one decode step's attention over every layer of the bundled model's shape
 (30 layers, 9 query / 3 KV heads, head_dim 64, float32) on a synthetic cache of N tokens
@@ -30,6 +31,9 @@ Batch 1 gives the step latency; --batch 8 the throughput of 8 rows decoded toget
 --stages: one layer's DASH-KV step, stage by stage (query encoding, the scan of the codes and
 its histogram, calibration, thresholds, compaction of the tier lists, attention over them),
 each timed as the prefix of the step ending with it.
+
+--profile: the XLA ops of DASH-KV's step over all layers, by time, from a jax.profiler trace:
+what a stage table cannot show (a copy XLA inserted, a loop that did not vectorise).
 
 End to end (--e2e, default on): decode tokens/s, dense against DASH-KV interleaved, of the
 bundled model with the shipped hasher at 8K (a real prompt, prefilled), and of its architecture
@@ -323,6 +327,53 @@ def stage_times(n: int, args) -> dict:
     return row
 
 
+def profile_step(n: int, args, top: int = 20) -> dict:
+    """The XLA ops DASH-KV's step over `args.layers` layers spends its time in at n tokens, from
+    a `jax.profiler` trace of `args.repeats` steps: ms per layer and runs per layer of each op
+    (a conditional's time includes the ops it runs; names are the compiled HLO's)."""
+    import collections
+    import gzip
+    import tempfile
+
+    dashkv = untrained_dashkv(
+        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
+    )
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((args.layers, 1, 1, HEADS, HEAD_DIM), np.float32))
+    kv = jnp.asarray(rng.standard_normal((args.layers, 2, 1, 1, KV_HEADS, HEAD_DIM), np.float32))
+    step, cache = attention_step(dashkv, args.layers), synthetic_cache(dashkv, n)
+    _, cache = median_ms(step, cache, (q, kv), 1)  # compiled and warm
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.repeats):
+                total, cache = step(cache, q, kv)
+                jax.block_until_ready(total)
+        (trace,) = Path(trace_dir).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    time_us, runs = collections.Counter(), collections.Counter()
+    for event in events:  # complete events of compiled ops, not Python frames or the executor
+        name = event.get("name", "")
+        host = name.startswith(("$", "PjitFunction")) or "Thunk" in name
+        if event.get("ph") == "X" and not host:
+            time_us[name] += event.get("dur", 0)
+            runs[name] += 1
+    per_layer = args.repeats * args.layers
+    ops = [
+        {"op": name, "ms_per_layer": us / 1e3 / per_layer, "runs_per_layer": runs[name] / per_layer}
+        for name, us in time_us.most_common(top)
+    ]
+    return {"n": n, "layers": args.layers, "steps": args.repeats, "ops": ops}
+
+
+def profile_table(row: dict) -> str:
+    lines = [f"N = {row['n']}: ms per layer, runs per layer, op"]
+    lines += [
+        f"{op['ms_per_layer']:9.2f} {op['runs_per_layer']:7.1f}  {op['op']}" for op in row["ops"]
+    ]
+    return "\n".join(lines)
+
+
 def end_to_end(args, context: int, weights: str) -> dict:
     """Decode tokens/s at `context`, dense against DASH-KV interleaved, batch 1."""
     import dataclasses
@@ -443,6 +494,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead, time one layer's DASH-KV step stage by stage beside dense attention's",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead, list the XLA ops DASH-KV's step spends its time in (jax.profiler)",
+    )
     e2e_help = "also time decoding end to end (default: yes, but not with --json)"
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, help=e2e_help)
     parser.add_argument(
@@ -471,6 +527,14 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = jax.devices()[0].device_kind
+    if args.profile:
+        rows = [profile_step(n, args) for n in lengths]
+        for row in rows:
+            print(profile_table(row), file=report, flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"device": device, "budget": args.budget, "tier2": args.tier2, "profile": rows}
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        return 0
     if args.stages:
         rows = []
         for n in lengths:

@@ -108,6 +108,22 @@ def test_bench_decode_prints_one_json_list(tmp_path):
     assert saved["read_bandwidth_gb_s"] > 0
 
 
+def test_bench_decode_profile_lists_compiled_ops(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "experiments" / "bench_decode.py"), "--profile",
+        "--lengths", "2048", "--budget", "1/8", "--repeats", "1", "--layers", "2",
+        "--out", str(tmp_path / "profile"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    (row,) = json.loads((tmp_path / "profile.json").read_text())["profile"]
+    assert row["n"] == 2048 and 0 < len(row["ops"]) <= 20
+    assert all(op["ms_per_layer"] > 0 and op["runs_per_layer"] > 0 for op in row["ops"])
+    # Compiled ops only, not host frames or the Python dispatch.
+    names = [op["op"] for op in row["ops"]]
+    assert not any(name.startswith(("$", "PjitFunction")) for name in names)
+    assert names[0] in done.stdout
+
+
 def test_bench_decode_bundled_config_is_the_ggufs():
     import gguf
 
