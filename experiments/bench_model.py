@@ -2,6 +2,12 @@
 
     python experiments/bench_model.py                      # 512/2048/8192 prefill, 512/8192 decode
     python experiments/bench_model.py --prefill 512 --decode 512 --json out.json
+    python experiments/bench_model.py --prefill '' --decode '' --capture 8192
+
+`--capture N`: the wall time of capturing one window of N tokens for hasher training (the model
+run over it, post-RoPE keys and 256 sampled queries kept, as `experiments/train.py` does),
+first cold (compilation included, what a user waits) and then warm, with nothing read from the
+capture cache.
 
 Prints a table and writes JSON (with the machine it ran on). Each figure is the median of
 `--repeats` timed runs after one compile-and-warm-up run. Prefill rows also give the process's
@@ -17,6 +23,8 @@ import os
 import platform
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +35,7 @@ from flax import nnx
 
 from dashkv_jax import DEFAULT_MODEL, data, load_model
 from dashkv_jax.attention.full import FullAttention
+from dashkv_jax.hashing import capture as capture_lib
 from dashkv_jax.models.llama import Llama, prefill
 
 FULL = FullAttention()
@@ -76,6 +85,31 @@ def bench_prefill(model, tokenizer, length: int, repeats: int) -> dict:
     }
 
 
+def capture_config(length: int) -> capture_lib.CaptureConfig:
+    """One training window of `length` tokens, laid out as `experiments/train.py` captures."""
+    return capture_lib.CaptureConfig(
+        split="train", context=length, contexts=1, queries_per_context=256, min_position=0.1
+    )
+
+
+def bench_capture(model, tokenizer, length: int) -> dict:
+    config = capture_config(length)
+    seconds = []
+    for _ in range(2):  # cold (compiles), then warm
+        with tempfile.TemporaryDirectory() as empty:  # a fresh cache: nothing loaded from disk
+            start = time.perf_counter()
+            capture_lib.capture(model, tokenizer, config, cache_dir=empty, progress=False)
+            seconds.append(time.perf_counter() - start)
+    return {
+        "phase": "capture",
+        "tokens": length,
+        "seconds": seconds[1],
+        "cold_seconds": seconds[0],
+        "tokens_per_s": length / seconds[1],
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory so far, GiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -105,10 +139,17 @@ def main(argv=None):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or path")
     parser.add_argument("--prefill", default="512,2048,8192", help="prompt lengths to prefill")
     parser.add_argument("--decode", default="512,8192", help="contexts to decode at")
+    parser.add_argument("--capture", default="", help="window lengths to capture, cold and warm")
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
     parser.add_argument("--json", type=Path, default=Path("runs/bench_model.json"))
     args = parser.parse_args(argv)
+    try:
+        for n in (int(x) for x in args.capture.split(",") if x):
+            capture_config(n)
+    except ValueError as error:  # DashKVError among them
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     model, tokenizer = load_model(args.model)
     rows = []
@@ -122,6 +163,15 @@ def main(argv=None):
     for n in (int(x) for x in args.decode.split(",") if x):
         rows.append(bench_decode(model, tokenizer, n, args.steps, args.repeats))
         print(f"decode at {n:>6}:     {rows[-1]['tokens_per_s']:10.1f} tokens/s", flush=True)
+
+    for n in (int(x) for x in args.capture.split(",") if x):
+        rows.append(bench_capture(model, tokenizer, n))
+        print(
+            f"capture {n:>6} tokens: {rows[-1]['cold_seconds']:.1f} s cold, "
+            f"{rows[-1]['seconds']:.1f} s warm, peak resident memory so far "
+            f"{rows[-1]['peak_rss_gb']:.2f} GiB",
+            flush=True,
+        )
 
     print(f"\n{'phase':<8} {'tokens/context':>14} {'tokens/s':>10} {'ms/token':>9}")
     for r in rows:
@@ -145,7 +195,8 @@ def main(argv=None):
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

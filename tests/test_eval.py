@@ -124,6 +124,20 @@ def test_bench_decode_profile_lists_compiled_ops(tmp_path):
     assert names[0] in done.stdout
 
 
+def test_bench_model_times_a_capture_cold_and_warm(tmp_path, capsys):
+    import bench_model
+
+    out = tmp_path / "bench.json"
+    bench_model.main(["--prefill", "", "--decode", "", "--capture", "1024", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["phase"] == "capture" and row["tokens"] == 1024
+    assert row["cold_seconds"] > 0 and row["seconds"] > 0 and row["peak_rss_gb"] > 0
+    assert "capture   1024 tokens" in capsys.readouterr().out
+    # A window too short for the training layout is one line and exit 2, before the model loads.
+    assert bench_model.main(["--prefill", "", "--decode", "", "--capture", "512"]) == 2
+    assert "no eligible keys" in capsys.readouterr().err
+
+
 def test_bench_decode_bundled_config_is_the_ggufs():
     import gguf
 
