@@ -126,6 +126,21 @@ def untrained_dashkv(n: int, budget: str, tier2: str, layers: int, **options) ->
     )
 
 
+def every_layer_dashkv(n: int, args) -> HashedAttention:
+    """`untrained_dashkv` at the run's budgets over the synthetic cache's layers, none dense."""
+    return untrained_dashkv(
+        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
+    )
+
+
+def step_inputs(layers: int, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Random q [L, B, 1, Hq, D] and new k, v [L, 2, B, 1, Hkv, D] of one decode step."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((layers, batch, 1, HEADS, HEAD_DIM), np.float32))
+    kv = jnp.asarray(rng.standard_normal((layers, 2, batch, 1, KV_HEADS, HEAD_DIM), np.float32))
+    return q, kv
+
+
 def attention_step(attention, layers: int):
     """jit: (cache, q [L, B, 1, Hq, D], kv [L, 2, B, 1, Hkv, D]) -> (out sum, cache): the
     decode of one token per row through `layers` layers, layer i over cache layer
@@ -207,12 +222,8 @@ def read_bandwidth(n_bytes: int, repeats: int) -> float:
 def bench_length(n: int, args, bandwidth: float) -> dict:
     """Dense and DASH-KV steps over `args.layers` layers at n tokens, batch `args.batch`."""
     dense, batch, layers = FullAttention(), args.batch, args.layers
-    dashkv = untrained_dashkv(
-        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
-    )
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((layers, batch, 1, HEADS, HEAD_DIM), np.float32))
-    kv = jnp.asarray(rng.standard_normal((layers, 2, batch, 1, KV_HEADS, HEAD_DIM), np.float32))
+    dashkv = every_layer_dashkv(n, args)
+    q, kv = step_inputs(layers, batch)
     row = {"n": n, "batch": batch, "layers": layers, "budget_tokens": dashkv.budget,
            "tier2_tokens": dashkv.tier2}  # fmt: skip
     # Dense first, then DASH-KV, each with its own cache; the dense cache is freed before
@@ -267,9 +278,7 @@ def stage_times(n: int, args) -> dict:
     """Where one layer's DASH-KV step spends its time at n tokens: each stage timed as the
     prefix of the step that ends with it (a prefix's outputs are small, so each is its own
     jit), differences taken against the prefix before. Dense attention is timed beside it."""
-    dashkv = untrained_dashkv(
-        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
-    )
+    dashkv = every_layer_dashkv(n, args)
     cache = synthetic_cache(dashkv, n)  # layer 1 has a momentum prior to apply
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM), np.float32))
@@ -335,12 +344,8 @@ def profile_step(n: int, args, top: int = 20) -> dict:
     import gzip
     import tempfile
 
-    dashkv = untrained_dashkv(
-        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
-    )
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((args.layers, 1, 1, HEADS, HEAD_DIM), np.float32))
-    kv = jnp.asarray(rng.standard_normal((args.layers, 2, 1, 1, KV_HEADS, HEAD_DIM), np.float32))
+    dashkv = every_layer_dashkv(n, args)
+    q, kv = step_inputs(args.layers, 1)
     step, cache = attention_step(dashkv, args.layers), synthetic_cache(dashkv, n)
     _, cache = median_ms(step, cache, (q, kv), 1)  # compiled and warm
     with tempfile.TemporaryDirectory() as trace_dir:
