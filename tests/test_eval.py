@@ -44,6 +44,28 @@ def test_eval_quick_preset_writes_results_tables_and_plots(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_synthetic_table_scores_methods_only_where_full_attention_answers():
+    config = dataclasses.asdict(
+        dataclasses.replace(evaluation.PRESETS["quick"], methods=("full", "snapkv", "dashkv"))
+    )
+    scores = {  # (method, length) -> scores at depths 0.1, 0.5, 0.9
+        ("full", 4096): (1, 1, 1), ("snapkv", 4096): (0, 0, 1), ("dashkv", 4096): (1, 1, 1),
+        ("full", 8000): (0, 0, 1), ("snapkv", 8000): (0, 0, 1), ("dashkv", 8000): (1, 1, 0),
+    }  # fmt: skip
+    rows = [
+        {"task": "passkey", "length": n, "depth": d, "method": m, "score": float(s)}
+        for (m, n), values in scores.items()
+        for d, s in zip((0.1, 0.5, 0.9), values, strict=True)
+    ]
+    rows += [{**r, "length": 16384, "score": 0.0} for r in rows if r["length"] == 8000]
+    table = evaluation.markdown({"model": "m", "config": config, "synthetic": rows, "plots": []})
+    assert f"budget {config['generation_budget']} of each prompt" in table
+    # At 8000 full attention answers at one depth of three: only that depth counts for others.
+    assert "| full | 1.00 | 0.33 | 0.00 |" in table
+    assert "| snapkv | 0.33 [3/3] | 1.00 [1/3] | (full fails) |" in table
+    assert "| dashkv | 1.00 [3/3] | 0.00 [1/3] | (full fails) |" in table
+
+
 def test_eval_runs_longbench_from_a_local_folder(tmp_path):
     fixture = ROOT / "tests" / "fixtures" / "longbench"
     argv = ["--preset", "quick", "--sections", "longbench", "--methods", "full,dashkv",
