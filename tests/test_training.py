@@ -16,7 +16,13 @@ from flax import nnx
 
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing.artifact import load_hasher, read_metadata
-from dashkv_jax.hashing.capture import CaptureConfig, Captured, capture, oracle_targets
+from dashkv_jax.hashing.capture import (
+    CaptureConfig,
+    Captured,
+    capture,
+    oracle_targets,
+    with_copies,
+)
 from dashkv_jax.hashing.encoders import fit_input_stats, simhash
 from dashkv_jax.hashing.retrieval import evaluate
 from dashkv_jax.hashing.training import (
@@ -249,6 +255,26 @@ def test_resume_corrupt_checkpoint_and_export(smollm2, capture_dir, tmp_path):
     # Resuming with another config is refused, naming the field.
     with pytest.raises(DashKVError, match="train.bits"):
         run(_run_config(tmp_path / "split", capture_dir, bits=64), model_and_tokenizer=smollm2)
+
+
+def test_copies_repeat_earlier_spans_beyond_the_window_in_the_query_region():
+    config = CaptureConfig(context=2048, contexts=8, min_position=0.1, copies=0.5)
+    ids = np.arange(2048)  # every token unique: a copy shows as a jump back
+    rewritten = [with_copies(ids, config, index) for index in range(config.contexts)]
+    picked = [out for out in rewritten if not np.array_equal(out, ids)]
+    assert 0 < len(picked) < config.contexts  # about half the windows
+    assert np.array_equal(with_copies(ids, config, 3), rewritten[3])  # fixed by the seed
+    first = config.first_position
+    for out in picked:
+        assert np.array_equal(out[:first], ids[:first])  # the text before queries is untouched
+        changed = out[first:] != ids[first:]
+        assert 0.3 < changed.mean() < 0.7  # about half of the query region is copies
+        at = np.flatnonzero(changed) + first
+        # Each copied token comes from earlier, beyond the recent window, after the sinks.
+        assert np.all(out[at] <= at - config.window) and np.all(out[at] >= config.sinks)
+    assert with_copies(ids, dataclasses.replace(config, copies=0.0), 0) is ids
+    with pytest.raises(DashKVError, match="copies"):
+        CaptureConfig(copies=1.5)
 
 
 def test_launcher_configs_and_overrides():

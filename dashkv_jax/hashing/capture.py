@@ -53,10 +53,16 @@ class CaptureConfig:
     sinks: int = 4
     window: int = 64
     seed: int = 0
+    # Share of windows whose query region repeats short spans of their own earlier text
+    # (`with_copies`): retrieval and copying (induction) are what long-context tasks need most,
+    # and what natural text shows least at a distance.
+    copies: float = 0.0
 
     def __post_init__(self):
         if self.contexts < 1 or self.queries_per_context < 1:
             raise DashKVError(f"need >= 1 context and query, got {self.contexts=}")
+        if not 0.0 <= self.copies <= 1.0:
+            raise DashKVError(f"copies is a share of windows in [0, 1], got {self.copies}")
         first = self.first_position
         if first - self.window - self.sinks + 1 < 1 or first >= self.context:
             raise DashKVError(
@@ -94,6 +100,29 @@ def sample_positions(config: CaptureConfig, index: int) -> np.ndarray:
         np.arange(config.first_position, config.context), config.queries_per_context, False
     )
     return np.sort(choices).astype(np.int32)
+
+
+def with_copies(ids: np.ndarray, config: CaptureConfig, index: int) -> np.ndarray:
+    """Window `index`'s ids [T], with copies when the config's `copies` share picks it.
+
+    A picked window's query region [first_position, T) is rewritten as alternating runs of its
+    own text and copies of spans of 8-32 tokens from anywhere earlier (beyond the recent window,
+    so the original is a selectable key), about half of it copies: a query inside a copy
+    attends to the token after its match in the original, as when a model reads back a passkey.
+    """
+    rng = np.random.default_rng([config.seed, index, 1])
+    if rng.random() >= config.copies:
+        return ids
+    out = np.array(ids, copy=True)
+    at = config.first_position
+    while True:
+        length = int(rng.integers(8, 33))
+        start = at + int(rng.integers(0, 2 * length))  # own text between copies
+        if start + length > len(out) or start - config.window - length <= config.sinks:
+            return out
+        source = int(rng.integers(config.sinks, start - config.window - length + 1))
+        out[start : start + length] = out[source : source + length]
+        at = start + length
 
 
 def capture_ids(model: Llama, ids: np.ndarray, positions: np.ndarray) -> tuple:
@@ -155,7 +184,7 @@ def capture(
     bar = tqdm(windows, desc=f"capture {config.split}", unit="ctx", disable=not progress)
     for index, ids in enumerate(bar):
         pos = sample_positions(config, index)
-        k, q = capture_ids(model, ids, pos)
+        k, q = capture_ids(model, with_copies(np.asarray(ids), config, index), pos)
         keys.append(k)
         queries.append(q)
         positions.append(pos)
