@@ -256,3 +256,20 @@ def test_perplexity_gaps_counts_copies_and_refuses_a_context_past_the_models(cap
     assert perplexity_gaps.main(["--context", "100000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["perplexity_gaps: error: context 100000 exceeds the model's context of 8192"]
+
+
+def test_passkey_digits_scores_each_digit_and_refuses_a_prompt_past_the_context(tmp_path, capsys):
+    import passkey_digits
+
+    argv = ["--lengths", "1024", "--depths", "0.5", "--keys", "1", "--methods", "full,oracle",
+            "--budget", "1/2", "--out", str(tmp_path)]  # fmt: skip
+    assert passkey_digits.main(argv) == 0
+    result = json.loads((tmp_path / "digits.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "oracle"} and result["split"] == "validation"
+    for row in rows.values():  # five digits, each scored; the model reads 1K passkeys back
+        assert len(row["nll"]) == len(row["right"]) == len(row["key"]) == 5
+        assert all(row["right"]) and np.mean(row["nll"]) < 0.5, row
+    assert "digit NLL" in capsys.readouterr().out
+    assert passkey_digits.main(["--lengths", "9000", "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
