@@ -501,7 +501,8 @@ def previous_results(config: EvalConfig, out: Path) -> dict:
     except json.JSONDecodeError as error:
         raise DashKVError(f"cannot resume from {path}: not valid JSON ({error})") from None
     mine = dataclasses.asdict(config)
-    theirs = previous.get("config", {})
+    # A field added since that run was run at its default.
+    theirs = {**dataclasses.asdict(EvalConfig()), **previous.get("config", {})}
     differ = [
         k for k in mine if k not in SELECTION_FIELDS and _same(theirs.get(k)) != _same(mine[k])
     ]
