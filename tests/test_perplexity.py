@@ -10,7 +10,7 @@ from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.sparse import OracleAttention, StreamingAttention
 from dashkv_jax.evaluation.perplexity import decode_perplexity, token_nll
 from dashkv_jax.hashing.encoders import HasherConfig, simhash
-from dashkv_jax.models.llama import forward
+from dashkv_jax.models.llama import NLL_BLOCK, forward, next_token_nll
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,18 @@ def test_full_attention_equals_the_plain_forward(smollm2, ids):
     # Position p reads p + 1 tokens: 200.5 on average, K and V of 64 float32 dims each.
     assert result["exact_tokens"] == pytest.approx(200.5)
     assert result["bytes"] == pytest.approx(200.5 * 2 * 64 * 4)
+
+
+def test_next_token_nll_in_blocks_equals_the_whole_log_softmax():
+    rng = np.random.default_rng(0)
+    t = 2 * NLL_BLOCK + 77  # two whole blocks and a padded one
+    hidden = jnp.asarray(rng.standard_normal((2, t, 8)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 50, (2, t)), jnp.int32)
+    head = jnp.asarray(rng.standard_normal((8, 50)), jnp.float32)
+    logits_fn = lambda x: x @ head  # noqa: E731
+    logprobs = jax.nn.log_softmax(logits_fn(hidden[:, :-1]), axis=-1)
+    want = -jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(next_token_nll(logits_fn, hidden, ids), want, rtol=1e-5, atol=1e-5)
 
 
 def test_budgets_order_the_methods(smollm2, ids):

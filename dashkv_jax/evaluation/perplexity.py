@@ -75,9 +75,8 @@ def _teacher_forced(model, ids, attention):
         attention = dataclasses.replace(attention, teacher_forced=True)
     ids = jnp.asarray(ids, jnp.int32)[None]
     cache = model.init_cache(1, ids.shape[1], attention)
-    logits, cache = prefill(model, ids, cache, attention, all_logits=True)
-    logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -jnp.take_along_axis(logprobs, ids[0, 1:, None], axis=-1)[:, 0], cache
+    nll, cache = prefill(model, ids, cache, attention, nll=True)
+    return nll[0], cache
 
 
 def layer_bytes(attention, exact, approx, n_tokens, config, dtype) -> np.ndarray:

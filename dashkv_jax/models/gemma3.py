@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from dashkv_jax.models.causal import Attention, causal_attention
 from dashkv_jax.models.config import Gemma3Config
-from dashkv_jax.models.llama import apply_rope, rope_frequencies
+from dashkv_jax.models.llama import apply_rope, next_token_nll, rope_frequencies
 
 Array = jax.Array
 
@@ -314,11 +314,18 @@ class Gemma3(nnx.Module):
         )
 
     def prefill(
-        self, ids: Array, cache: Gemma3Cache, attention: Attention, all_logits=False, chunk=None
+        self,
+        ids: Array,
+        cache: Gemma3Cache,
+        attention: Attention,
+        all_logits=False,
+        chunk=None,
+        nll=False,
     ):
         """Run a prompt ids [B, T] into an empty cache -> (logits, cache).
 
-        Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`.
+        Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`;
+        with `nll`, the NLL of each next token of ids [B, T - 1] instead (`next_token_nll`).
         The whole prompt runs at once (no `chunk`: a chunk's local layers would need the ring
         buffers' window from the chunk before); blocked attention keeps its memory bounded, a
         32K prompt peaks at 3 GB.
@@ -337,6 +344,8 @@ class Gemma3(nnx.Module):
         )
         backend = backend.replace(lengths=jnp.full((b,), t, jnp.int32))
         cache = Gemma3Cache(attention=backend, local_k=rings[0], local_v=rings[1])
+        if nll:
+            return next_token_nll(self._logits, x, ids), cache
         return self._logits(x if all_logits else x[:, -1]), cache
 
     def decode_step(self, tokens: Array, cache: Gemma3Cache, attention: Attention):

@@ -78,6 +78,29 @@ class DecoderStack(nnx.Module):
         return {name: p[...] for name, p in vars(self).items() if isinstance(p, nnx.Param)}
 
 
+NLL_BLOCK = 512  # positions per block of `next_token_nll`: [B, 512, V] logits at a time
+
+
+def next_token_nll(logits_fn, hidden: Array, ids: Array) -> Array:
+    """hidden [B, T, E] (the last layer's output), ids [B, T] -> [B, T - 1] float32: the NLL of
+    ids[:, p + 1] under logits_fn(hidden[:, p]), NLL_BLOCK positions at a time, so [T, V]
+    logits are never held (a 262K-token vocabulary at 32K positions is 34 GB of them)."""
+    b, t, e = hidden.shape
+    pad = -(t - 1) % NLL_BLOCK
+    x = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, pad)))
+    x = x.reshape(b, -1, NLL_BLOCK, e).transpose(1, 0, 2, 3)  # [blocks, B, NLL_BLOCK, E]
+    targets = targets.reshape(b, -1, NLL_BLOCK).transpose(1, 0, 2)
+
+    def block_nll(args):
+        x, targets = args
+        logprobs = jax.nn.log_softmax(logits_fn(x), axis=-1)
+        return -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+
+    nll = jax.lax.map(block_nll, (x, targets))  # [blocks, B, NLL_BLOCK]
+    return nll.transpose(1, 0, 2).reshape(b, -1)[:, : t - 1]
+
+
 class Llama(nnx.Module):
     """Decoder-only transformer. `model(ids)` is the full causal forward without a cache."""
 
@@ -132,6 +155,10 @@ class Llama(nnx.Module):
         head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
         return jnp.matmul(x, head, preferred_element_type=jnp.float32)
 
+    def _outputs(self, x: Array, targets: Array | None) -> Array:
+        """Logits of hidden states x, or with targets ids [B, T] their next tokens' NLL."""
+        return self._logits(x) if targets is None else next_token_nll(self._logits, x, targets)
+
     # -- public entry points ---------------------------------------------------------------
 
     def __call__(self, ids: Array) -> Array:
@@ -176,20 +203,24 @@ class Llama(nnx.Module):
             )
         return attention.init_cache(self.config, batch, max_len, dtype or self.embed.dtype)
 
-    def prefill(self, ids: Array, cache, attention: Attention, all_logits=False, chunk=None):
+    def prefill(
+        self, ids: Array, cache, attention: Attention, all_logits=False, chunk=None, nll=False
+    ):
         """Run a prompt ids [B, T] into an empty cache -> (logits, cache).
 
-        Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`.
+        Logits are the last position's [B, V], or every position's [B, T, V] with `all_logits`;
+        with `nll`, the NLL of each next token of ids [B, T - 1] instead (`next_token_nll`).
         With `chunk`, a prompt longer than that runs through the model `chunk` tokens at a time,
         each chunk attending to the cache the ones before it wrote (`prefill_chunk`), so that
         activations stay [B, chunk, ...] however long the prompt.
         """
         b, t = ids.shape
+        all_logits = all_logits or nll
         if chunk is None or t <= chunk:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
             x, cache = self._run_layers(self.embed[...][ids], positions, attention.prefill, cache)
             cache = cache.replace(lengths=jnp.full((b,), t, jnp.int32))
-            return self._logits(x if all_logits else x[:, -1]), cache
+            return self._outputs(x if all_logits else x[:, -1], ids if nll else None), cache
 
         def run_chunk(cache, start, chunk_ids):  # -> (hidden [B, c, E] of the chunk, cache)
             positions = start + jnp.broadcast_to(jnp.arange(chunk_ids.shape[1]), chunk_ids.shape)
@@ -220,7 +251,7 @@ class Llama(nnx.Module):
         else:
             hidden = hidden[-1] if last is None else last
         cache = cache.replace(lengths=jnp.full((b,), t, jnp.int32))
-        return self._logits(hidden), cache
+        return self._outputs(hidden, ids if nll else None), cache
 
     def decode_step(self, tokens: Array, cache, attention: Attention):
         """One token per row, tokens [B] -> (logits [B, V], cache advanced by one)."""
@@ -249,11 +280,13 @@ def forward(model, ids: Array) -> Array:
     return model(ids)
 
 
-@functools.partial(_jit, static_argnames=("all_logits", "chunk"), donate_argnames="cache")
-def prefill(model, ids: Array, cache, attention: Attention, all_logits: bool = False, chunk=None):
-    """`model.prefill`: a prompt ids [B, T] into an empty cache -> (logits, cache), `chunk`
-    tokens at a time if given."""
-    return model.prefill(ids, cache, attention, all_logits=all_logits, chunk=chunk)
+@functools.partial(_jit, static_argnames=("all_logits", "chunk", "nll"), donate_argnames="cache")
+def prefill(
+    model, ids: Array, cache, attention: Attention, all_logits=False, chunk=None, nll=False
+):
+    """`model.prefill`: a prompt ids [B, T] into an empty cache -> (logits, or with `nll` each
+    next token's NLL [B, T - 1]; cache), `chunk` tokens at a time if given."""
+    return model.prefill(ids, cache, attention, all_logits=all_logits, chunk=chunk, nll=nll)
 
 
 @functools.partial(_jit, donate_argnames="cache")
