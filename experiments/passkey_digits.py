@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import eval as evaluation  # noqa: E402  (experiments/eval.py: its argparse list type)
+
 from dashkv_jax import data  # noqa: E402
 from dashkv_jax.attention.full import FullAttention  # noqa: E402
 from dashkv_jax.attention.methods import METHODS, make_methods, parse_budget  # noqa: E402
@@ -39,13 +41,15 @@ from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
 SLOT_MULTIPLE = 512  # caches of nearly equal prompts share one compiled step per method
 
 
+# Not `llama.decode_step`: that one donates its cache, and every method adopts the one exact
+# prefill's cache (full attention adopts it as it is).
 @nnx.jit(graph_updates=False)
 def _step(model, token, cache, attention):
     return model.decode_step(token, cache, attention)
 
 
 def answer_ids(model, tokenizer, sample) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) of a passkey sample, and which answer tokens are digits."""
+    """(prompt ids, answer ids) of a passkey sample: the answer is the lead-in and the key."""
     chat = model.chat_template is not None
     prompt = _prompt_ids(
         model, tokenizer, sample.prompt if chat else sample.prompt + sample.cue, chat, 16
@@ -140,10 +144,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _numbers(kind):
-    return lambda text: tuple(kind(x) for x in text.split(","))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -151,8 +151,10 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--lengths", type=_numbers(int), default=(4096,), help="prompt tokens")
-    parser.add_argument("--depths", type=_numbers(float), default=(0.1, 0.5, 0.9))
+    parser.add_argument(
+        "--lengths", type=evaluation._numbers(int), default=(4096,), help="prompt tokens"
+    )
+    parser.add_argument("--depths", type=evaluation._numbers(float), default=(0.1, 0.5, 0.9))
     parser.add_argument("--keys", type=int, default=2, help="passkeys per length and depth")
     parser.add_argument("--budget", default="1/32", help="exact budget: a fraction or tokens")
     parser.add_argument("--tier2", help="approximate tokens (default: the hasher's)")
