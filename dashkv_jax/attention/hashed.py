@@ -241,9 +241,14 @@ class HashedAttention(SparseAttention):
             discount += jnp.round(momentum * scale * attention).astype(jnp.int32)
         if not (self.consensus or self.momentum):
             return distance, hist
-        selectable = distance != DISTANCE_SENTINEL
-        calibrated = jnp.clip(distance - discount[:, None], 0, self.bins - 1)
-        calibrated = jnp.where(selectable, calibrated, DISTANCE_SENTINEL)
+
+        def discounted(distance, discount):  # [B, Hkv, n], [B, n] -> [B, Hkv, n]
+            calibrated = jnp.clip(distance - discount[:, None], 0, self.bins - 1)
+            return jnp.where(distance != DISTANCE_SENTINEL, calibrated, DISTANCE_SENTINEL)
+
+        # Written once: fused into its consumers (the histogram, each tier's mask packing), the
+        # vote and the discounts were computed five times over every slot.
+        calibrated = unfused(discounted, distance, discount)
         return calibrated, pallas_kernels.distance_histogram(calibrated, self.bins)
 
     def tiers(self, cache, layer, q, pos, prior, *, offset=0, combine=None, before=None):
@@ -345,7 +350,10 @@ class HashedAttention(SparseAttention):
         """The momentum prior for the next layer: this layer's attended slots [B, Hkv, M] and
         its attention on them, mean over all its query heads (weights [B, Hkv, G, M])."""
         b, hkv, g, _ = weights.shape
-        return slots.reshape(b, -1), (weights.sum(axis=2) / (hkv * g)).reshape(b, -1)
+        # The G query heads added one by one: as a reduction over the middle axis, XLA:CPU ran
+        # it (and the exponentials fused into it) on one thread, unvectorised.
+        group_sum = sum(weights[:, :, i] for i in range(g))  # [B, Hkv, M]
+        return slots.reshape(b, -1), (group_sum / (hkv * g)).reshape(b, -1)
 
     @property
     def fit_slope(self) -> bool:
