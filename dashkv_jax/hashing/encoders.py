@@ -193,6 +193,24 @@ class StackedMLP(nnx.Module):
             x = linear(x, layer, head_repeat)
         return x
 
+    def pointwise(self, x: Array, layer) -> Array:
+        """One layer's MLP of a single head and output over many points: x [..., in] -> [...].
+
+        The same map as `__call__`, written as multiply-adds of scalar weights over one array per
+        feature: XLA:CPU fuses it into one vectorised loop, where dots over a minor axis of a few
+        features cost transposes (decoding's tier 2: every (query head, token) pair)."""
+        features = [x[..., i] for i in range(x.shape[-1])]
+        for i, linear in enumerate(self.maps):
+            if i:
+                features = [jax.nn.gelu(f) for f in features]
+            w = linear.w[...][layer, 0]  # [in, out]
+            b = jnp.zeros(w.shape[1]) if linear.b is None else linear.b[...][layer, 0]
+            features = [
+                b[o] + sum(w[j, o] * f for j, f in enumerate(features)) for o in range(w.shape[1])
+            ]
+        (out,) = features
+        return out
+
 
 class Hasher(nnx.Module):
     """Key and query encoders, the tier-2 logit and the calibration discounts of every layer."""
@@ -285,7 +303,7 @@ class Hasher(nnx.Module):
             flat = x.reshape(x.shape[0], -1, 1, x.shape[-1])  # [L, M, 1, groups]
             residual = self.residual(flat, None).reshape(x.shape[:-1])
         else:
-            residual = self.residual(x[..., None, :], layer)[..., 0, 0]
+            residual = self.residual.pointwise(x, layer)
         return scale * similarity + residual
 
     def discounts(self, layer=None) -> tuple[Array, Array]:
