@@ -4,6 +4,7 @@
     python experiments/bench_decode.py --lengths 131072,1048576 --json
     python experiments/bench_decode.py --stages --lengths 131072,1048576
     python experiments/bench_decode.py --profile --lengths 1048576 --layers 10
+    python experiments/bench_decode.py --dense-chunks 4096,16384,65536 --lengths 131072
 
 Attention step: one decode step's attention over every layer of the bundled model's shape
 (30 layers, 9 query / 3 KV heads, head_dim 64, float32) on a synthetic cache of N tokens
@@ -32,6 +33,9 @@ Batch 1 gives the step latency; --batch 8 the throughput of 8 rows decoded toget
 its histogram, calibration, thresholds, compaction of the tier lists, attention over them),
 each timed as the prefix of the step ending with it.
 
+--dense-chunks: dense attention's step at each loop chunk size: the evidence for the default
+chunk of this backend (`attention.full.DECODE_CHUNKS`).
+
 --profile: the XLA ops of DASH-KV's step over all layers, by time, from a jax.profiler trace:
 what a stage table cannot show (a copy XLA inserted, a loop that did not vectorise).
 
@@ -59,7 +63,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pallas_kernels  # noqa: E402
-from dashkv_jax.attention.full import FullAttention, attend_all  # noqa: E402
+from dashkv_jax.attention.full import FullAttention, attend_all, decode_chunk  # noqa: E402
 from dashkv_jax.attention.hashed import CodeCache, HashedAttention  # noqa: E402
 from dashkv_jax.attention.methods import parse_budget  # noqa: E402
 from dashkv_jax.attention.sparse import middle_bounds  # noqa: E402
@@ -336,6 +340,19 @@ def stage_times(n: int, args) -> dict:
     return row
 
 
+def dense_chunk_times(n: int, chunks: list[int], args) -> dict:
+    """Dense attention's step over all layers at n tokens for each loop chunk, in ms (median of
+    `args.repeats`): the chunk `attention.full.DECODE_CHUNKS` sets for this backend, measured."""
+    attention = FullAttention()
+    q, kv = step_inputs(args.layers, args.batch)
+    cache = synthetic_cache(attention, n, args.batch)
+    times = {}
+    for chunk in chunks:
+        step = attention_step(FullAttention(chunk=chunk), args.layers)
+        times[chunk], cache = median_ms(step, cache, (q, kv), args.repeats)
+    return {"n": n, "default_chunk": decode_chunk(), "ms_by_chunk": times}
+
+
 def profile_step(n: int, args, top: int = 20) -> dict:
     """The XLA ops DASH-KV's step over `args.layers` layers spends its time in at n tokens, from
     a `jax.profiler` trace of `args.repeats` steps: ms per layer and runs per layer of each op
@@ -504,6 +521,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead, list the XLA ops DASH-KV's step spends its time in (jax.profiler)",
     )
+    parser.add_argument(
+        "--dense-chunks",
+        type=lambda text: [int(c) for c in text.split(",")],
+        help="instead, time dense attention with each of these loop chunks (e.g. "
+        "4096,16384,65536): how the CPU default was chosen",
+    )
     e2e_help = "also time decoding end to end (default: yes, but not with --json)"
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, help=e2e_help)
     parser.add_argument(
@@ -532,6 +555,17 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = jax.devices()[0].device_kind
+    if args.dense_chunks:
+        rows = []
+        for n in lengths:
+            rows.append(dense_chunk_times(n, args.dense_chunks, args))
+            times = ", ".join(f"{c}: {ms:.1f}" for c, ms in rows[-1]["ms_by_chunk"].items())
+            print(f"N = {n}: dense ms by chunk (default {decode_chunk()}): {times}",
+                  file=report, flush=True)  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"device": device, "layers": args.layers, "dense_chunks": rows}
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        return 0
     if args.profile:
         rows = [profile_step(n, args) for n in lengths]
         for row in rows:

@@ -123,10 +123,11 @@ class FullAttention:
 
 
 # Slots read per step of the decode loop, by backend. XLA:CPU copies a layer sliced out of the
-# stacked cache before a dot reads it (128K slots: 100 MB for K alone), so the CPU reads small
-# chunks; on a GPU each step of the loop costs about 30 us however little it reads (H100), so
+# stacked cache before a dot reads it (128K slots: 100 MB for K alone), so the CPU reads chunks
+# (16K: 4 MB of K, measured fastest of 4K-64K by experiments/bench_decode.py --dense-chunks);
+# on a GPU each step of the loop costs about 30 us however little it reads (H100), so
 # accelerators read large ones.
-DECODE_CHUNKS = {"cpu": 4096}
+DECODE_CHUNKS = {"cpu": 16384}
 ACCELERATOR_DECODE_CHUNK = 1 << 18
 
 
@@ -162,9 +163,12 @@ def attend_all(
         start = jnp.minimum(i * chunk, max_len - chunk)  # the last chunk may overlap the one before
         slots = start + jnp.arange(chunk)
         visible = (slots >= i * chunk) & (slots <= positions[..., None])  # [B, T, chunk]
-        logits = jnp.einsum(
-            "bhgtd,bhsd->bhgts", qg, read(start, cache.k), preferred_element_type=jnp.float32
-        )
+        keys = read(start, cache.k)  # [B, Hkv, chunk, D]
+        if t == 1:  # keys first: XLA:CPU otherwise copies the chunk transposed for the dot
+            logits = jnp.einsum("bhsd,bhgtd->bhsgt", keys, qg, preferred_element_type=jnp.float32)
+            logits = logits.transpose(0, 1, 3, 4, 2)  # [B, Hkv, G, 1, chunk]: small
+        else:
+            logits = jnp.einsum("bhgtd,bhsd->bhgts", qg, keys, preferred_element_type=jnp.float32)
         logits = jnp.where(visible[:, None, None], logits * d**-0.5, -jnp.inf)
         # Chunk 0 holds slot 0, visible to every query, so the running max is finite from there.
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
