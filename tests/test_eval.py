@@ -186,6 +186,18 @@ def test_bench_decode_stages(tmp_path):
     assert row["dashkv_ms"] > 0 and row["dense_ms"] > 0 and row["budget_tokens"] == 256
 
 
+def test_bench_decode_sweeps_the_dense_chunk(tmp_path, capsys):
+    argv = ["--dense-chunks", "256,512", "--lengths", "2048", "--budget", "1/4", "--layers", "2"]
+    assert bench_decode.main([*argv, "--repeats", "1", "--out", str(tmp_path / "chunks")]) == 0
+    (row,) = json.loads((tmp_path / "chunks.json").read_text())["dense_chunks"]
+    assert row["n"] == 2048 and set(row["ms_by_chunk"]) == {"256", "512"}
+    assert all(ms > 0 for ms in row["ms_by_chunk"].values())
+    assert "N = 2048: dense ms by chunk" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:  # one argparse line, no traceback
+        bench_decode.main(["--dense-chunks", "big"])
+    assert bad.value.code == 2 and "--dense-chunks" in capsys.readouterr().err
+
+
 def test_bench_decode_random_weights_end_to_end():
     args = bench_decode.argparse.Namespace(budget="1/4", tier2="1/8", e2e_steps=1)
     row = bench_decode.end_to_end(args, context=512, weights="random")

@@ -137,6 +137,16 @@ def test_tier2_logits_are_the_scaled_similarity_plus_a_residual():
     assert np.all(np.asarray(base.discounts()[0]) < 1e-6)
 
 
+def test_pointwise_residual_is_the_same_map_as_the_batched_one():
+    hasher = Hasher(_config(), rngs=nnx.Rngs(7))
+    last = hasher.residual.maps[1]
+    last.w[...] = jax.random.normal(jax.random.key(7), last.w[...].shape)  # not the tiny init
+    x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (2, HQ, 5, 16)), jnp.float32)
+    batched = hasher.residual(x[..., None, :], 1)[..., 0, 0]  # [2, Hq, 5]
+    np.testing.assert_allclose(hasher.residual.pointwise(x, 1), batched, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(hasher.residual.pointwise(x, 0), batched)  # its own layer's weights
+
+
 def test_symmetric_queries_use_their_kv_heads_encoder():
     hasher = Hasher(_config(kind="symmetric"), rngs=nnx.Rngs(4))
     x = jnp.asarray(np.random.default_rng(4).normal(size=(LAYERS, 7, HKV, D)), jnp.float32)

@@ -77,7 +77,8 @@ class HashedAttention(SparseAttention):
     scoring: str = struct.field(pytree_node=False, default="hamming")
     implementation: str | None = struct.field(pytree_node=False, default=None)
     # Decoding's fast path: a cache shorter than this many slots is read densely, the cheaper
-    # step there (0: never; `generate` sets the measured crossover, evaluations leave it off).
+    # step there (0: never, the default: on this project's CPU DASH-KV's step is already the
+    # cheaper one at 8K, the shortest cache `bench_decode.py` times).
     dense_below: int = struct.field(pytree_node=False, default=0)
 
     def __post_init__(self):
