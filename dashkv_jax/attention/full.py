@@ -124,7 +124,8 @@ class FullAttention:
 
 # Slots read per step of the decode loop, by backend. XLA:CPU copies a layer sliced out of the
 # stacked cache before a dot reads it (128K slots: 100 MB for K alone), so the CPU reads chunks
-# (16K: 4 MB of K, measured fastest of 4K-64K by experiments/bench_decode.py --dense-chunks);
+# of 16K slots (4 MB of K per KV head): of 4K-64K, `bench_decode.py --dense-chunks` measured it
+# fastest at 128K and 10% behind 32K at 1M;
 # on a GPU each step of the loop costs about 30 us however little it reads (H100), so
 # accelerators read large ones.
 DECODE_CHUNKS = {"cpu": 16384}
