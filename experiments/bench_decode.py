@@ -549,6 +549,8 @@ def main(argv=None) -> int:
             raise DashKVError("--e2e-contexts weights must be bundled or random")
         if args.batch < 1 or args.repeats < 1 or args.layers < 1:
             raise DashKVError("--batch, --repeats and --layers must be >= 1")
+        if args.dense_chunks and min(args.dense_chunks) < 1:
+            raise DashKVError("every --dense-chunks chunk must be >= 1 slot")
         for n in lengths:  # a budget the backends refuse fails before any work
             untrained_dashkv(n, args.budget, args.tier2, layers=1)
     except ValueError as error:  # DashKVError among them

@@ -196,6 +196,8 @@ def test_bench_decode_sweeps_the_dense_chunk(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:  # one argparse line, no traceback
         bench_decode.main(["--dense-chunks", "big"])
     assert bad.value.code == 2 and "--dense-chunks" in capsys.readouterr().err
+    assert bench_decode.main(["--dense-chunks", "0,512", "--lengths", "2048"]) == 2
+    assert "must be >= 1 slot" in capsys.readouterr().err
 
 
 def test_bench_decode_random_weights_end_to_end():
