@@ -14,9 +14,12 @@ Implementations:
   "pallas_gpu"    the Pallas-Triton kernel (`pallas_gpu.py`); GPU only.
   "interpret"     the Mosaic kernel's source in Pallas interpret mode; any backend (tests).
   "interpret_gpu" the Triton kernel's source in Pallas interpret mode; any backend (tests).
+  "cpu"           native C++ kernels as XLA FFI custom calls (`cpu_native.cc`, built by `make`);
+                  CPU only; the entries in NATIVE_ENTRIES (the decode path's).
   None            the best for the current backend: pallas_tpu on TPU, pallas_gpu on GPU, else
                   xla; and xla wherever the kernel cannot take the shape (pallas_tpu needs the
-                  word count W = b/32 to divide 128).
+                  word count W = b/32 to divide 128). On the CPU, cpu for NATIVE_ENTRIES
+                  when the kernels are built, else xla.
 
 `select_topk` has one implementation for every backend (`select.py`, plain JAX);
 `rank_threshold` too (`reference.py`). `hamming_histogram` and `select_ranks` have all five.
@@ -28,7 +31,7 @@ kernel, so no [B, Hkv, K, D] copy of the rows is written to memory):
                       and their logits (exact and approximate); flash-decoding on the kernels.
 Slots outside [0, N) (-1 by convention, anywhere in a list) are unused. A stacked cache
 [L, B, Hkv, N, D] with `layer=` is read in place: `cache[layer]` would be a copy of the whole
-layer before any kernel or gather reads it. Both have all five implementations; None picks xla
+layer before any kernel or gather reads it. Both have all six implementations; None picks xla
 on GPU when the head dimension is not a power of two (Triton).
 
 Sharding: every entry is jit-able with in/out shardings over the batch and KV-head axes. XLA
@@ -44,15 +47,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import common, pallas_gpu, pallas_tpu, reference, select
+from pallas_kernels import common, cpu_native, pallas_gpu, pallas_tpu, reference, select
 
-Implementation = Literal["xla", "pallas_tpu", "pallas_gpu", "interpret", "interpret_gpu"]
+Implementation = Literal["xla", "pallas_tpu", "pallas_gpu", "interpret", "interpret_gpu", "cpu"]
 IMPLEMENTATIONS: tuple[str, ...] = (
     "xla",
     "pallas_tpu",
     "pallas_gpu",
     "interpret",
     "interpret_gpu",
+    "cpu",
+)
+NATIVE_ENTRIES = (
+    "hamming_histogram",
+    "distance_histogram",
+    "select_ranks",
+    "gathered_logits",
+    "gathered_attention",
 )
 _HAMMING = {
     "xla": reference.hamming_scores_reference,
@@ -74,6 +85,7 @@ _SELECT_RANKS = {
     "pallas_gpu": pallas_gpu.select_ranks_pallas_gpu,
     "interpret": functools.partial(pallas_tpu.select_ranks_pallas_tpu, interpret=True),
     "interpret_gpu": functools.partial(pallas_gpu.select_ranks_pallas_gpu, interpret=True),
+    "cpu": cpu_native.select_ranks_cpu,
 }
 _GATHERED_LOGITS = {
     "xla": reference.gathered_logits_reference,
@@ -81,6 +93,7 @@ _GATHERED_LOGITS = {
     "pallas_gpu": pallas_gpu.gathered_logits_pallas_gpu,
     "interpret": functools.partial(pallas_tpu.gathered_logits_pallas_tpu, interpret=True),
     "interpret_gpu": functools.partial(pallas_gpu.gathered_logits_pallas_gpu, interpret=True),
+    "cpu": cpu_native.gathered_logits_cpu,
 }
 _GATHERED_ATTENTION = {
     "xla": reference.gathered_attention_reference,
@@ -88,6 +101,7 @@ _GATHERED_ATTENTION = {
     "pallas_gpu": pallas_gpu.gathered_attention_pallas_gpu,
     "interpret": functools.partial(pallas_tpu.gathered_attention_pallas_tpu, interpret=True),
     "interpret_gpu": functools.partial(pallas_gpu.gathered_attention_pallas_gpu, interpret=True),
+    "cpu": cpu_native.gathered_attention_cpu,
 }
 _ASYMMETRIC = {
     "xla": reference.asymmetric_scores_reference,
@@ -105,15 +119,20 @@ def available_implementations(backend: str | None = None) -> tuple[str, ...]:
     return (*native.get(backend, ()), "xla", "interpret", "interpret_gpu")
 
 
-def resolve_implementation(implementation: str | None, n_words: int) -> str:
-    """The implementation to run: `implementation` itself, or the best one for None."""
+def resolve_implementation(implementation: str | None, n_words: int, native: bool = False) -> str:
+    """The implementation to run: `implementation` itself, or the best one for None. `native`:
+    the entry has the CPU kernels, which None picks on the CPU when they are built."""
     if implementation is None:
         best = available_implementations()[0]
         if best == "pallas_tpu" and pallas_tpu.LANES % n_words:
             return "xla"
+        if best == "xla" and native and jax.default_backend() == "cpu" and cpu_native.available():
+            return "cpu"
         return best
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown {implementation=}; choose from {IMPLEMENTATIONS} or None")
+    if implementation == "cpu" and not native:
+        raise ValueError(f"implementation='cpu' has only {', '.join(NATIVE_ENTRIES)}")
     return implementation
 
 
@@ -238,9 +257,11 @@ def hamming_histogram(
     """
     one_layer = k_codes if layer is None else jax.ShapeDtypeStruct(k_codes.shape[1:], k_codes.dtype)
     common.check_histogram_inputs(q_codes, one_layer, lo, hi)
-    implementation = resolve_implementation(implementation, k_codes.shape[-1])
+    implementation = resolve_implementation(implementation, k_codes.shape[-1], native=True)
     if implementation == "xla":
         return reference.hamming_histogram_reference(q_codes, k_codes, lo, hi, layer=layer)
+    if implementation == "cpu":
+        return cpu_native.hamming_histogram_cpu(q_codes, k_codes, lo, hi, layer=layer)
     layer_codes = k_codes if layer is None else k_codes[layer]
     return _HISTOGRAM[implementation](q_codes, layer_codes, lo, hi)
 
@@ -248,13 +269,17 @@ def hamming_histogram(
 _rank_threshold = jax.jit(reference.rank_threshold)
 
 
-@functools.partial(jax.jit, static_argnames=("n_bins",))
-def distance_histogram(distances: jax.Array, n_bins: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("n_bins", "implementation"))
+def distance_histogram(
+    distances: jax.Array, n_bins: int, *, implementation: Implementation | None = None
+) -> jax.Array:
     """The histogram of distances that `hamming_histogram` did not produce (DASH-KV's
     calibrated ones, the asymmetric extension's): [B, Hkv, N] int32 -> [B, Hkv, n_bins] int32,
-    counting the values in [0, n_bins). One implementation (XLA) everywhere."""
+    counting the values in [0, n_bins). XLA everywhere but on the CPU kernels ("cpu")."""
     if distances.dtype != jnp.int32 or distances.ndim != 3 or n_bins < 1:
         raise ValueError(f"want int32 distances [B, Hkv, N] and n_bins >= 1: {distances.shape=}")
+    if resolve_implementation(implementation, 1, native=True) == "cpu":
+        return cpu_native.distance_histogram_cpu(distances, n_bins)
     return reference.distance_histogram(distances, n_bins)
 
 
@@ -311,7 +336,7 @@ def select_ranks(
     if size == 0:
         empty = jnp.zeros((batch, kv_heads), jnp.int32)
         return jnp.zeros((batch, kv_heads, 0), jnp.int32), empty
-    implementation = resolve_implementation(implementation, 1)
+    implementation = resolve_implementation(implementation, 1, native=True)
     return _SELECT_RANKS[implementation](distances, tuple(lower), tuple(upper), size)
 
 
@@ -325,14 +350,18 @@ def select_tiers(
     """`select_ranks` of consecutive rank ranges [0, k_1), [k_1, k_2), ... (DASH-KV's tiers),
     given (T_i, ties_i) = rank_threshold(histogram, k_i): one (indices [B, Hkv, sizes[i]],
     count [B, Hkv]) per range, equal to those `select_ranks` calls. The XLA path computes each
-    rank's mask once for the two ranges it bounds; the kernels run one `select_ranks` a range."""
+    rank's mask once for the two ranges it bounds, the CPU kernel takes up to three ranges in
+    one call; the Pallas kernels run one `select_ranks` a range."""
     if len(uppers) != len(sizes):
         raise ValueError(f"one size per rank bound, got {len(uppers)=} {len(sizes)=}")
     heads = distances.shape[:2]
     lowers = [(jnp.full(heads, -1, jnp.int32), jnp.zeros(heads, jnp.int32)), *uppers[:-1]]
     for lower, upper, size in zip(lowers, uppers, sizes, strict=True):
         common.check_select_inputs(distances, lower, upper, size)
-    if resolve_implementation(implementation, 1) != "xla" or 0 in sizes:
+    implementation = resolve_implementation(implementation, 1, native=True)
+    if implementation == "cpu" and 0 not in sizes and len(sizes) < 4:
+        return _select_tiers_cpu(distances, (lowers[0], *map(tuple, uppers)), tuple(sizes))
+    if implementation != "xla" or 0 in sizes:
         return tuple(
             select_ranks(distances, lower, upper, size, implementation=implementation)
             for lower, upper, size in zip(lowers, uppers, sizes, strict=True)
@@ -341,6 +370,7 @@ def select_tiers(
 
 
 _select_tiers = jax.jit(reference.select_tiers_reference, static_argnames=("sizes",))
+_select_tiers_cpu = jax.jit(cpu_native.select_ranges_cpu, static_argnames=("sizes",))
 
 
 def _resolve_sparse(implementation: str | None, head_dim: int) -> str:
@@ -349,7 +379,7 @@ def _resolve_sparse(implementation: str | None, head_dim: int) -> str:
     if implementation is None and head_dim & (head_dim - 1):
         if available_implementations()[0] == "pallas_gpu":
             return "xla"
-    return resolve_implementation(implementation, 1)
+    return resolve_implementation(implementation, 1, native=True)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "implementation"))

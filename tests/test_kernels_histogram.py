@@ -407,6 +407,32 @@ class TestInterpretTpu(SelectionSuite):
     IMPLEMENTATION = "interpret"
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are the CPU's")
+class TestCpuNative(SelectionSuite):
+    """The native CPU kernels (`make native`): built by `make test`, so never skipped on a CPU."""
+
+    IMPLEMENTATION = "cpu"
+    HYPOTHESIS_EXAMPLES = 30
+
+    def test_several_tasks_and_the_calibrated_histogram(self):
+        # 150K slots: three 64K-slot scan tasks per row, lo and hi inside different ones; and
+        # distance_histogram (the calibrated distances') against the reference.
+        rng = np.random.default_rng(7)
+        q, k = random_codes(rng, 2, 3, 3, 150_000, 128, pool=4000)
+        lo, hi = jnp.asarray([70_000, 5], jnp.int32), jnp.asarray([140_000, 150_000], jnp.int32)
+        distances, histogram = self.histogram(q, k, lo, hi)
+        want = pk.hamming_histogram_reference(q, k, lo, hi)
+        assert_equal(distances, want[0])
+        assert_equal(histogram, want[1])
+        shifted = jnp.where(distances < 40, distances - 300, distances)  # some out of range
+        for bins in (385, 200):
+            assert_equal(
+                pk.distance_histogram(shifted, bins, implementation="cpu"),
+                pk.distance_histogram(shifted, bins, implementation="xla"),
+            )
+        self.check_selection(distances, histogram, 3000, 9000, 6500)
+
+
 class TestInterpretGpu(SelectionSuite):
     IMPLEMENTATION = "interpret_gpu"
 
@@ -512,7 +538,7 @@ class TestLowering:
 
 # --- Sharding: batch and KV heads over 8 simulated CPU devices -------------------------------
 
-IMPLEMENTATIONS = ("xla", "interpret", "interpret_gpu")
+IMPLEMENTATIONS = ("xla", "interpret", "interpret_gpu", "cpu")
 needs_8_devices = pytest.mark.skipif(
     len(jax.devices()) < 8,
     reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",

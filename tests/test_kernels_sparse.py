@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, NamedSharding
 
 import pallas_kernels as pk
-from pallas_kernels import pallas_gpu, pallas_tpu
+from pallas_kernels import cpu_native, pallas_gpu, pallas_tpu
 
 U = 2.0**-24  # float32 unit roundoff
 
@@ -339,6 +339,36 @@ class TestInterpretTpu(SparseSuite):
     IMPLEMENTATION = "interpret"
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are the CPU's")
+class TestCpuNative(SparseSuite):
+    """The native CPU kernels (`make native`): built by `make test`, so never skipped on a CPU."""
+
+    IMPLEMENTATION = "cpu"
+    HYPOTHESIS_EXAMPLES = 30
+
+    def test_built_and_picked_by_default(self):
+        assert cpu_native.available(), cpu_native._load()
+        q, k, _ = random_inputs(np.random.default_rng(0), 1, 2, 3, 50, 16, jnp.float32)
+        slots = ragged_slots(np.random.default_rng(1), 1, 2, 50, 20)
+        hlo = jax.jit(functools.partial(pk.gathered_logits, scale=1.0)).lower(q, k, slots)
+        assert "dashkv_gathered_logits" in hlo.as_text()
+
+    def test_long_lists_split_across_tasks(self):
+        # Lists of several 2048-slot tasks (and a short last one) merged into one softmax.
+        rng = np.random.default_rng(5)
+        q, k, v = random_inputs(rng, 1, 2, 3, 20_000, 16, jnp.float32)
+        slots = ragged_slots(rng, 1, 2, 20_000, 9000)
+        check_logits(self.logits(q, k, slots, 0.25), q, k, slots, 0.25)
+        logits = attention_logits(rng, slots, 3)
+        check_attention(self.attention(logits, v, slots), logits, v, slots)
+
+    def test_only_the_decode_entries(self):
+        # hamming_scores (the first decode path's) has no CPU kernel: one clear error.
+        codes = jnp.zeros((1, 1, 8, 4), jnp.uint32)
+        with pytest.raises(ValueError, match="implementation='cpu' has only hamming_histogram"):
+            pk.hamming_scores(codes[:, :, :1], codes, jnp.asarray([8]), implementation="cpu")
+
+
 class TestInterpretGpu(SparseSuite):
     IMPLEMENTATION = "interpret_gpu"
 
@@ -476,7 +506,7 @@ class TestLowering:
 
 # --- Sharding: batch and KV heads over 8 simulated CPU devices -------------------------------
 
-IMPLEMENTATIONS = ("xla", "interpret", "interpret_gpu")
+IMPLEMENTATIONS = ("xla", "interpret", "interpret_gpu", "cpu")
 needs_8_devices = pytest.mark.skipif(
     len(jax.devices()) < 8,
     reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",

@@ -213,7 +213,9 @@ class HashedAttention(SparseAttention):
         slots = jnp.arange(codes.shape[2])
         selectable = (slots >= lo[:, None]) & (slots < hi[:, None])
         distance = jnp.where(selectable[:, None], distance, DISTANCE_SENTINEL)
-        return distance, pallas_kernels.distance_histogram(distance, self.bins)
+        return distance, pallas_kernels.distance_histogram(
+            distance, self.bins, implementation=self.implementation
+        )
 
     def calibrate(self, layer, distance, hist, total, k1, prior, first, offset=0):
         """Consensus and momentum discounts -> calibrated (distance, histogram).
@@ -250,7 +252,9 @@ class HashedAttention(SparseAttention):
         # Written once: fused into its consumers (the histogram, each tier's mask packing), the
         # vote and the discounts were computed five times over every slot.
         calibrated = unfused(discounted, distance, discount)
-        return calibrated, pallas_kernels.distance_histogram(calibrated, self.bins)
+        return calibrated, pallas_kernels.distance_histogram(
+            calibrated, self.bins, implementation=self.implementation
+        )
 
     def tiers(self, cache, layer, q, pos, prior, *, offset=0, combine=None, before=None):
         """Tier 1 and tier 2 of queries q [B, Hkv, G, D] at pos [B] among the slots this cache

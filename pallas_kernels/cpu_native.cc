@@ -1,0 +1,537 @@
+// DASH-KV's decode step on the CPU as XLA FFI custom calls, each one pass over its input:
+//   selection  hamming_histogram (distances and histogram from one read of the codes),
+//              distance_histogram, select_ranks and select_tiers (two passes per row);
+//   attention  gathered_logits and gathered_attention: the rows a slot list names are read in
+//              place, by index, and used while in cache. XLA:CPU's own gather moves one element
+//              at a time (about 1 ns each), several times the cost of the bytes (RESULTS.md).
+//
+// Same contracts as pallas_kernels/api.py's entries; caches and codes come as stacks
+// [L, B, Hkv, N, ...] with an int32 layer, already clipped. Work is split into (batch, KV head,
+// block) tasks on XLA's intra-op thread pool; each task's result depends on its inputs only and
+// partials merge in a fixed order, so the output does not depend on the thread count.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 2048;  // slots per task: [G, D] partials stay small, tasks many
+constexpr int kPrefetch = 8;      // rows ahead: slot lists are sorted but sparse, so the
+                                  // hardware prefetcher cannot follow them
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Runs fn(0) .. fn(n - 1) on the caller and the pool's threads; returns when all are done.
+// Helpers that start after every task is claimed touch nothing but the shared counters, so a
+// busy pool can never hold the caller up.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, n, &fn] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->all_done.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(run)(run));  // a copy each
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->all_done.wait(lock, [&] { return state->done.load() == n; });
+}
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t bf16) {  // bfloat16 is float32's upper half
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// Row `slot` of (layer, b, h) in a stack [L, B, Hkv, N, D].
+template <typename T>
+const T* Row(const T* cache, int64_t layer_bh, int64_t n, int64_t d, int64_t slot) {
+  return cache + (layer_bh * n + slot) * d;
+}
+
+// Asks for the cache lines of row `slot` (when it names one) ahead of its use.
+template <typename T>
+void Prefetch(const T* cache, int64_t layer_bh, int64_t n, int64_t d, int32_t slot) {
+  if (slot < 0 || slot >= n) return;
+  const char* row = reinterpret_cast<const char*>(Row(cache, layer_bh, n, d, slot));
+  for (int64_t byte = 0; byte < d * int64_t{sizeof(T)}; byte += 64) __builtin_prefetch(row + byte);
+}
+
+// --- gathered_logits: out[b, h, g, e] = scale * q[b, h, g] . k[layer, b, h, slots[b, h, e]] ---
+
+template <typename T>
+void Logits(ffi::ThreadPool& pool, const float* q, const T* k, const int32_t* slots, float* out,
+            int64_t layer, int64_t batch, int64_t heads, int64_t g_size, int64_t n, int64_t d,
+            int64_t e_size, float scale) {
+  const int64_t blocks = (e_size + kBlock - 1) / kBlock;
+  ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
+    const int64_t bh = task / blocks, start = task % blocks * kBlock;
+    const int64_t stop = std::min(start + kBlock, e_size);
+    const int64_t layer_bh = layer * batch * heads + bh;
+    const int32_t* row_slots = slots + bh * e_size;
+    const float* q_bh = q + bh * g_size * d;
+    float* out_bh = out + bh * g_size * e_size;
+    std::vector<float> row(d);
+    for (int64_t e = start; e < stop; ++e) {
+      if (e + kPrefetch < stop) Prefetch(k, layer_bh, n, d, row_slots[e + kPrefetch]);
+      const int32_t slot = row_slots[e];
+      if (slot < 0 || slot >= n) {
+        for (int64_t g = 0; g < g_size; ++g) out_bh[g * e_size + e] = kNegInf;
+        continue;
+      }
+      const T* k_row = Row(k, layer_bh, n, d, slot);
+      for (int64_t i = 0; i < d; ++i) row[i] = ToFloat(k_row[i]);
+      for (int64_t g = 0; g < g_size; ++g) {
+        // Eight running sums, one per lane: a dot the compiler vectorises without reordering.
+        float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const float* q_g = q_bh + g * d;
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8)
+          for (int j = 0; j < 8; ++j) lanes[j] += q_g[i + j] * row[i + j];
+        for (; i < d; ++i) lanes[0] += q_g[i] * row[i];
+        float dot = 0;
+        for (float lane : lanes) dot += lane;
+        out_bh[g * e_size + e] = scale * dot;
+      }
+    }
+  });
+}
+
+// --- gathered_attention: softmax over a list's logits times the V rows it names --------------
+
+// One task's share of a row: flash-decoding partials over its block of slots.
+struct Partial {
+  std::vector<float> shift, total, acc;  // [G], [G], [G, D]
+};
+
+template <typename T>
+void Attention(ffi::ThreadPool& pool, const float* logits, const T* v, const int32_t* slots,
+               float* out, float* lse, int64_t layer, int64_t batch, int64_t heads,
+               int64_t g_size, int64_t n, int64_t d, int64_t m_size) {
+  const int64_t blocks = (m_size + kBlock - 1) / kBlock;
+  std::vector<Partial> partials(batch * heads * blocks);
+  ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
+    const int64_t bh = task / blocks, start = task % blocks * kBlock;
+    const int64_t stop = std::min(start + kBlock, m_size);
+    const int64_t layer_bh = layer * batch * heads + bh;
+    const int32_t* row_slots = slots + bh * m_size;
+    const float* logits_bh = logits + bh * g_size * m_size;
+    Partial& part = partials[task];
+    part.shift.assign(g_size, kNegInf);
+    part.total.assign(g_size, 0.0f);
+    part.acc.assign(g_size * d, 0.0f);
+    for (int64_t e = start; e < stop; ++e) {
+      const int32_t slot = row_slots[e];
+      if (slot < 0 || slot >= n) continue;
+      for (int64_t g = 0; g < g_size; ++g)
+        part.shift[g] = std::max(part.shift[g], logits_bh[g * m_size + e]);
+    }
+    std::vector<float> row(d), weight(g_size);
+    for (int64_t e = start; e < stop; ++e) {
+      if (e + kPrefetch < stop) Prefetch(v, layer_bh, n, d, row_slots[e + kPrefetch]);
+      const int32_t slot = row_slots[e];
+      if (slot < 0 || slot >= n) continue;
+      bool any = false;
+      for (int64_t g = 0; g < g_size; ++g) {
+        const float logit = logits_bh[g * m_size + e];
+        // A -inf logit (or a group with no finite one) weighs nothing.
+        weight[g] = logit == kNegInf ? 0.0f : std::exp(logit - part.shift[g]);
+        part.total[g] += weight[g];
+        any |= weight[g] != 0.0f;
+      }
+      if (!any) continue;
+      const T* v_row = Row(v, layer_bh, n, d, slot);
+      for (int64_t i = 0; i < d; ++i) row[i] = ToFloat(v_row[i]);
+      for (int64_t g = 0; g < g_size; ++g) {
+        float* acc = part.acc.data() + g * d;
+        const float w = weight[g];
+        for (int64_t i = 0; i < d; ++i) acc[i] += w * row[i];
+      }
+    }
+  });
+  // Merge each row's partials in block order: the same sums whatever thread ran which block.
+  for (int64_t bh = 0; bh < batch * heads; ++bh) {
+    for (int64_t g = 0; g < g_size; ++g) {
+      float shift = kNegInf;
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        shift = std::max(shift, partials[bh * blocks + blk].shift[g]);
+      float* out_g = out + (bh * g_size + g) * d;
+      std::fill(out_g, out_g + d, 0.0f);
+      if (shift == kNegInf) {  // no valid entry, or none with a finite logit
+        lse[bh * g_size + g] = kNegInf;
+        continue;
+      }
+      float total = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const Partial& part = partials[bh * blocks + blk];
+        if (part.shift[g] == kNegInf) continue;
+        const float rescale = std::exp(part.shift[g] - shift);
+        total += rescale * part.total[g];
+        for (int64_t i = 0; i < d; ++i) out_g[i] += rescale * part.acc[g * d + i];
+      }
+      for (int64_t i = 0; i < d; ++i) out_g[i] /= total;
+      lse[bh * g_size + g] = shift + std::log(total);
+    }
+  }
+}
+
+// --- hamming_histogram: D = sum_g popcount(q_g XOR k) over [lo, hi), and its histogram ------
+
+constexpr int64_t kScanBlock = 1 << 16;  // slots per task: 1 MB of 128-bit codes
+constexpr int32_t kSentinel = std::numeric_limits<int32_t>::max();
+
+// Counts values in [0, bins) into hist, over four sub-histograms: a run of equal distances
+// would otherwise wait on each increment's store.
+void Count(const int32_t* values, int64_t n, int64_t bins, int32_t* hist) {
+  std::vector<int32_t> sub(4 * bins, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t v = values[i];
+    if (v >= 0 && v < bins) ++sub[(i & 3) * bins + v];
+  }
+  for (int64_t j = 0; j < bins; ++j)
+    hist[j] += sub[j] + sub[bins + j] + sub[2 * bins + j] + sub[3 * bins + j];
+}
+
+// Distances of `count` slots' codes against the group's queries into out, W words per code of
+// type Word. 64 bytes of codes at a time against the queries repeated to 64 bytes (W divides
+// them): one vector XOR and popcount per query on AVX-512, where a word per step compiles to
+// scalar code; 64-bit words leave half the per-slot sums to add.
+template <typename Word, int64_t W>
+void Distances(const Word* q, int64_t g_size, const Word* codes, int64_t count, int32_t* out) {
+  constexpr int64_t kWide = 64 / sizeof(Word), kKeys = kWide / W;
+  Word pattern[8][kWide];  // G <= 8 per block of queries; more are summed block by block
+  std::fill(out, out + count, 0);
+  for (int64_t g0 = 0; g0 < g_size; g0 += 8) {
+    const int64_t groups = std::min<int64_t>(8, g_size - g0);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < kWide; ++i) pattern[g][i] = q[(g0 + g) * W + i % W];
+    int64_t slot = 0;
+    for (; slot + kKeys <= count; slot += kKeys) {
+      const Word* key = codes + slot * W;
+      Word bits[kWide] = {};
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < kWide; ++i) bits[i] += __builtin_popcountll(pattern[g][i] ^ key[i]);
+      for (int64_t j = 0; j < kKeys; ++j)
+        for (int64_t w = 0; w < W; ++w) out[slot + j] += static_cast<int32_t>(bits[j * W + w]);
+    }
+    for (; slot < count; ++slot)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t w = 0; w < W; ++w)
+          out[slot] += __builtin_popcountll(pattern[g][w] ^ codes[slot * W + w]);
+  }
+}
+
+// Any word count: one word at a time.
+void DistancesAnyWords(const uint32_t* q, int64_t g_size, int64_t words, const uint32_t* codes,
+                       int64_t count, int32_t* out) {
+  for (int64_t slot = 0; slot < count; ++slot) {
+    int32_t d = 0;
+    for (int64_t g = 0; g < g_size; ++g)
+      for (int64_t w = 0; w < words; ++w)
+        d += __builtin_popcount(q[g * words + w] ^ codes[slot * words + w]);
+    out[slot] = d;
+  }
+}
+
+void HammingHistogram(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* k,
+                      const int32_t* lo, const int32_t* hi, int32_t* distances, int32_t* hist,
+                      int64_t layer, int64_t batch, int64_t heads, int64_t g_size, int64_t n,
+                      int64_t words) {
+  const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
+  const int64_t bins = g_size * words * 32 + 1;
+  std::vector<int32_t> partial(batch * heads * blocks * bins, 0);
+  ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
+    const int64_t bh = task / blocks, b = bh / heads;
+    const int64_t start = task % blocks * kScanBlock, stop = std::min(start + kScanBlock, n);
+    const int64_t first = std::clamp<int64_t>(lo[b], start, stop);
+    const int64_t last = std::clamp<int64_t>(hi[b], first, stop);
+    const uint32_t* codes = k + ((layer * batch * heads + bh) * n + first) * words;
+    const uint32_t* q_bh = q + bh * g_size * words;
+    int32_t* out = distances + bh * n;
+    std::fill(out + start, out + first, kSentinel);
+    const int64_t count = last - first;
+    // Pairs of uint32 words read as one uint64 (XLA's buffers are 64-byte aligned, W even).
+    const uint64_t* wide_q = reinterpret_cast<const uint64_t*>(q_bh);
+    const uint64_t* wide_codes = reinterpret_cast<const uint64_t*>(codes);
+    switch (words) {
+      case 1: Distances<uint32_t, 1>(q_bh, g_size, codes, count, out + first); break;
+      case 2: Distances<uint64_t, 1>(wide_q, g_size, wide_codes, count, out + first); break;
+      case 4: Distances<uint64_t, 2>(wide_q, g_size, wide_codes, count, out + first); break;
+      case 8: Distances<uint64_t, 4>(wide_q, g_size, wide_codes, count, out + first); break;
+      default: DistancesAnyWords(q_bh, g_size, words, codes, count, out + first);
+    }
+    std::fill(out + last, out + stop, kSentinel);
+    Count(out + first, count, bins, partial.data() + task * bins);
+  });
+  for (int64_t bh = 0; bh < batch * heads; ++bh) {
+    int32_t* row = hist + bh * bins;
+    std::fill(row, row + bins, 0);
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t j = 0; j < bins; ++j) row[j] += partial[(bh * blocks + blk) * bins + j];
+  }
+}
+
+// --- select_ranks / select_tiers: the slots of each rank range, ascending ---------------------
+
+// Rank order is (distance, slot): a slot is below rank k, for (T, ties) = rank_threshold(k),
+// when D < T, or D == T and fewer than `ties` slots with D == T come before it. Given bounds
+// k_0 <= k_1 <= ... <= k_R, range i holds the slots below k_{i+1} and not below k_i.
+//
+// Two parallel passes over blocks of each row. The first keeps a block's candidates, the slots
+// with D <= the largest T (a few percent: the rest are below no bound), and counts per bound
+// the candidates with D < T and D == T; a prefix over the blocks then gives each block the ties
+// seen before it and each range's write position; the second writes the block's selections.
+constexpr int64_t kSelectBlock = 1 << 15;
+constexpr int kMaxBounds = 4;
+
+struct BlockCounts {
+  int64_t less[kMaxBounds], equal[kMaxBounds];
+};
+
+void SelectRanges(ffi::ThreadPool& pool, const int32_t* distances, const int32_t* thresholds,
+                  const int32_t* ties, int32_t* indices, int32_t* counts, int64_t rows,
+                  int64_t n, int64_t n_bounds, const std::vector<int64_t>& sizes) {
+  const int64_t blocks = (n + kSelectBlock - 1) / kSelectBlock, ranges = n_bounds - 1;
+  int64_t width = 0;  // indices [rows, sum of sizes]: range i at offset sum(sizes[:i])
+  std::vector<int64_t> base(ranges);
+  for (int64_t i = 0; i < ranges; ++i) base[i] = width, width += sizes[i];
+  std::vector<BlockCounts> tally(rows * blocks);
+  std::vector<std::vector<int32_t>> candidates(rows * blocks);
+  ParallelFor(pool, rows * blocks, [&](int64_t task) {
+    const int64_t row = task / blocks, start = task % blocks * kSelectBlock;
+    const int64_t stop = std::min(start + kSelectBlock, n);
+    const int32_t* d = distances + row * n;
+    const int32_t* t = thresholds + row * n_bounds;
+    const int32_t top = *std::max_element(t, t + n_bounds);
+    thread_local std::vector<int32_t> scratch;  // kept between calls: no page faults
+    scratch.resize(kSelectBlock);
+    int64_t m = 0;
+    for (int64_t slot = start; slot < stop; ++slot) {  // branch-free: most slots are not kept
+      scratch[m] = static_cast<int32_t>(slot);
+      m += d[slot] <= top;
+    }
+    std::vector<int32_t>& near = candidates[task];
+    near.assign(scratch.begin(), scratch.begin() + m);
+    BlockCounts& c = tally[task];
+    for (int64_t j = 0; j < n_bounds; ++j) {
+      int64_t less = 0, equal = 0;
+      for (const int32_t slot : near) less += d[slot] < t[j], equal += d[slot] == t[j];
+      c.less[j] = less, c.equal[j] = equal;
+    }
+  });
+  // Per block: the ties seen before it per bound; per row: each range's count and padding.
+  std::vector<BlockCounts> before(rows * blocks);
+  for (int64_t row = 0; row < rows; ++row) {
+    BlockCounts seen = {};
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      before[row * blocks + blk] = seen;
+      for (int64_t j = 0; j < n_bounds; ++j) {
+        seen.less[j] += tally[row * blocks + blk].less[j];
+        seen.equal[j] += tally[row * blocks + blk].equal[j];
+      }
+    }
+    for (int64_t i = 0; i < ranges; ++i) {  // below k_{i+1} and not below k_i
+      auto below = [&](int64_t j) {
+        const int64_t cut = std::max(ties[row * n_bounds + j], 0);
+        return seen.less[j] + std::min(seen.equal[j], cut);
+      };
+      // Below-sets are nested: k_{i+1} < k_i leaves the range empty.
+      const int64_t taken = std::clamp<int64_t>(below(i + 1) - below(i), 0, sizes[i]);
+      counts[row * ranges + i] = static_cast<int32_t>(taken);
+      int32_t* out = indices + row * width + base[i];
+      std::fill(out + taken, out + sizes[i], -1);
+    }
+  }
+  ParallelFor(pool, rows * blocks, [&](int64_t task) {
+    const int64_t row = task / blocks;
+    const int32_t* d = distances + row * n;
+    const int32_t* t = thresholds + row * n_bounds;
+    int64_t seen[kMaxBounds], cut[kMaxBounds], at[kMaxBounds];
+    for (int64_t j = 0; j < n_bounds; ++j) {
+      seen[j] = before[task].equal[j];
+      cut[j] = std::max(ties[row * n_bounds + j], 0);
+    }
+    auto below_before = [&](int64_t j) {
+      return before[task].less[j] + std::min(before[task].equal[j], cut[j]);
+    };
+    for (int64_t i = 0; i < ranges; ++i) at[i] = below_before(i + 1) - below_before(i);
+    int32_t* out = indices + row * width;
+    for (const int32_t slot : candidates[task]) {
+      bool below[kMaxBounds];
+      for (int64_t j = 0; j < n_bounds; ++j) {
+        const bool tie = d[slot] == t[j];
+        below[j] = d[slot] < t[j] || (tie && seen[j] < cut[j]);
+        seen[j] += tie;
+      }
+      for (int64_t i = 0; i < ranges; ++i)
+        if (below[i + 1] && !below[i] && at[i] < sizes[i]) out[base[i] + at[i]++] = slot;
+    }
+  });
+}
+
+// --- FFI bindings --------------------------------------------------------------------------
+
+// Dimensions of a stack [L, B, Hkv, N, D].
+struct Stack {
+  int64_t batch, heads, n, d;
+};
+
+Stack StackDims(const ffi::AnyBuffer& cache) {
+  auto dims = cache.dimensions();
+  return {dims[1], dims[2], dims[3], dims[4]};
+}
+
+ffi::Error GatheredLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                              ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> layer,
+                              float scale, ffi::ResultBuffer<ffi::F32> out) {
+  if (k.dimensions().size() != 5) return ffi::Error::InvalidArgument("k: want [L, B, Hkv, N, D]");
+  const Stack s = StackDims(k);
+  const int64_t g_size = q.dimensions()[2], e_size = slots.dimensions()[2];
+  const int64_t at = layer.typed_data()[0];
+  if (k.element_type() == ffi::F32) {
+    Logits(pool, q.typed_data(), k.typed_data<float>(), slots.typed_data(), out->typed_data(),
+           at, s.batch, s.heads, g_size, s.n, s.d, e_size, scale);
+  } else if (k.element_type() == ffi::BF16) {
+    Logits(pool, q.typed_data(), reinterpret_cast<const uint16_t*>(k.untyped_data()),
+           slots.typed_data(), out->typed_data(), at, s.batch, s.heads, g_size, s.n, s.d,
+           e_size, scale);
+  } else {
+    return ffi::Error::InvalidArgument("k: want float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatheredAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                                 ffi::AnyBuffer v, ffi::Buffer<ffi::S32> slots,
+                                 ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                                 ffi::ResultBuffer<ffi::F32> lse) {
+  if (v.dimensions().size() != 5) return ffi::Error::InvalidArgument("v: want [L, B, Hkv, N, D]");
+  const Stack s = StackDims(v);
+  const int64_t g_size = logits.dimensions()[2], m_size = slots.dimensions()[2];
+  const int64_t at = layer.typed_data()[0];
+  if (v.element_type() == ffi::F32) {
+    Attention(pool, logits.typed_data(), v.typed_data<float>(), slots.typed_data(),
+              out->typed_data(), lse->typed_data(), at, s.batch, s.heads, g_size, s.n, s.d,
+              m_size);
+  } else if (v.element_type() == ffi::BF16) {
+    Attention(pool, logits.typed_data(), reinterpret_cast<const uint16_t*>(v.untyped_data()),
+              slots.typed_data(), out->typed_data(), lse->typed_data(), at, s.batch, s.heads,
+              g_size, s.n, s.d, m_size);
+  } else {
+    return ffi::Error::InvalidArgument("v: want float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error HammingHistogramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> q,
+                                ffi::Buffer<ffi::U32> k, ffi::Buffer<ffi::S32> lo,
+                                ffi::Buffer<ffi::S32> hi, ffi::Buffer<ffi::S32> layer,
+                                ffi::ResultBuffer<ffi::S32> distances,
+                                ffi::ResultBuffer<ffi::S32> hist) {
+  auto dims = k.dimensions();
+  if (dims.size() != 5) return ffi::Error::InvalidArgument("k: want [L, B, Hkv, N, W]");
+  HammingHistogram(pool, q.typed_data(), k.typed_data(), lo.typed_data(), hi.typed_data(),
+                   distances->typed_data(), hist->typed_data(), layer.typed_data()[0], dims[1],
+                   dims[2], q.dimensions()[2], dims[3], dims[4]);
+  return ffi::Error::Success();
+}
+
+ffi::Error DistanceHistogramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> distances,
+                                 ffi::ResultBuffer<ffi::S32> hist) {
+  const int64_t rows = distances.dimensions()[0] * distances.dimensions()[1];
+  const int64_t n = distances.dimensions()[2], bins = hist->dimensions()[2];
+  ParallelFor(pool, rows, [&](int64_t row) {
+    int32_t* out = hist->typed_data() + row * bins;
+    std::fill(out, out + bins, 0);
+    Count(distances.typed_data() + row * n, n, bins, out);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error SelectRangesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> distances,
+                            ffi::Buffer<ffi::S32> thresholds, ffi::Buffer<ffi::S32> ties,
+                            ffi::Span<const int64_t> sizes, ffi::ResultBuffer<ffi::S32> indices,
+                            ffi::ResultBuffer<ffi::S32> counts) {
+  auto dims = distances.dimensions();
+  const int64_t n_bounds = thresholds.dimensions()[2];
+  if (n_bounds < 2 || n_bounds > kMaxBounds || static_cast<int64_t>(sizes.size()) != n_bounds - 1)
+    return ffi::Error::InvalidArgument("select: want 2 to 4 bounds and one size per range");
+  SelectRanges(pool, distances.typed_data(), thresholds.typed_data(), ties.typed_data(),
+               indices->typed_data(), counts->typed_data(), dims[0] * dims[1], dims[2], n_bounds,
+               std::vector<int64_t>(sizes.begin(), sizes.end()));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvHammingHistogram, HammingHistogramImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // q [B, Hkv, G, W]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // k [L, B, Hkv, N, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lo [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // hi [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // distances [B, Hkv, N]
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // histogram [B, Hkv, G b + 1]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvDistanceHistogram, DistanceHistogramImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // distances [B, Hkv, N]
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // histogram [B, Hkv, bins]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvSelectRanges, SelectRangesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // distances [B, Hkv, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // thresholds [B, Hkv, R + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ties [B, Hkv, R + 1]
+                                  .Attr<ffi::Span<const int64_t>>("sizes")  // [R]
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // indices [B, Hkv, sum sizes]
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // counts [B, Hkv, R]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvGatheredLogits, GatheredLogitsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, Hkv, G, D]
+                                  .Arg<ffi::AnyBuffer>()         // k [L, B, Hkv, N, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots [B, Hkv, E]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [B, Hkv, G, E]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvGatheredAttention, GatheredAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // logits [B, Hkv, G, M]
+                                  .Arg<ffi::AnyBuffer>()         // v [L, B, Hkv, N, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots [B, Hkv, M]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out [B, Hkv, G, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, Hkv, G]
