@@ -10,16 +10,18 @@ Attention step: one decode step's attention over every layer of the bundled mode
 (30 layers, 9 query / 3 KV heads, head_dim 64, float32) on a synthetic cache of N tokens
 (random keys, values and key codes: the work does not depend on their values), through the same
 `decode` the model calls. Dense: the fastest exact decode attention on this backend, measured:
-`attention.full.attend_all` (an online softmax over chunks of the cache), and on a GPU also
-Pallas's fused GPU decode attention and cuDNN's (`fused_dense_steps`, each over a cache in its
-own layout); on TPU, whose fused decode kernel (ragged paged attention) needs a paged cache,
-`attend_all` alone (not measured here: no TPU has run this). DASH-KV: the three tiers of
-`attention.hashed` with every component on and every layer DASH-KV, the exact budget (1/32) and
-tier 2 (1/64) of N, a hasher shaped like the shipped one (untrained weights cost the same). A
-two-layer cache is allocated and the layers take turns over it, read by a traced layer index as
-in the model's layer scan (30 layers of 1M tokens would take 46 GB). With the shipped
-sandwich (its first and last layers exact), a model's step costs `sandwich_ms` = the dense
-step over those layers plus DASH-KV's over the rest, derived from the same two measurements.
+`attention.full.attend_all` (an online softmax over chunks of the cache); on the CPU also the
+native kernels DASH-KV reads its tiers with, over every slot; on a GPU also Pallas's fused GPU
+decode attention and cuDNN's (`kernel_dense_steps`, each over a cache in its own layout); on
+TPU, whose fused decode kernel (ragged paged attention) needs a paged cache, `attend_all`
+alone (not measured here: no TPU has run this). The speed-up is against the fastest; `vs xla`
+against `attend_all`. DASH-KV: the three tiers of `attention.hashed` with every component on and
+every layer DASH-KV, the exact budget (1/32) and tier 2 (1/64) of N, a hasher shaped like the
+shipped one (untrained weights cost the same). A two-layer cache is allocated and the layers
+take turns over it, read by a traced layer index as in the model's layer scan (30 layers of
+1M tokens would take 46 GB). With the shipped sandwich (its first and last layers exact), a
+model's step costs `sandwich_ms` = the dense step over those layers plus DASH-KV's over the
+rest, derived from the same two measurements.
 
 Byte floors: what each step must read (dense: K and V of every token; DASH-KV: every code, K and
 V of tier-1 tokens, V and the code of tier-2 ones, `HashedAttention.step_bytes`) over the read
@@ -162,28 +164,15 @@ def attention_step(attention, layers: int):
     return jax.jit(step, donate_argnums=0)
 
 
-def fused_dense_steps(n: int, batch: int, layers: int) -> dict:
-    """The fused dense decode attentions a GPU user would pick, beside `attend_all` (GPU only):
-    {name: (jit step(cache, q) -> (out sum, cache), cache)}, each over `layers` layers and a
-    cache in its own layout ([B, N, Hkv, D]): Pallas's GPU decode attention (`gqa`) and cuDNN
-    through `jax.nn.dot_product_attention`."""
-    if jax.default_backend() != "gpu":
-        return {}
-    from jax.experimental.pallas.ops.gpu import decode_attention
-
+def kernel_dense_steps(n: int, batch: int, layers: int) -> dict:
+    """The kernel dense decode attentions a user would pick beside `attend_all`: {name: (jit
+    step(cache, q) -> (out sum, cache), cache)}, each over `layers` layers and a cache in its
+    own layout. GPU: Pallas's GPU decode attention (`gqa`) and cuDNN through
+    `jax.nn.dot_product_attention` ([B, N, Hkv, D]). CPU: the native kernels DASH-KV reads its
+    tiers with, over every slot ([B, Hkv, N, D]; `cpu_native`, when built): one pass over K,
+    one over V, at the speed this project's own code reads rows."""
     rng = np.random.default_rng(0)
-    shape = (batch, n, KV_HEADS, HEAD_DIM)
-    cache = tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
     lengths = jnp.full((batch,), n, jnp.int32)
-
-    def pallas(k, v, q):  # q [B, Hq, D]
-        return decode_attention.gqa(q, k, v, kv_seq_len=lengths)
-
-    def cudnn(k, v, q):
-        out = jax.nn.dot_product_attention(
-            q[:, None], k, v, key_value_seq_lengths=lengths, implementation="cudnn"
-        )
-        return out[:, 0]
 
     def looped(attend):
         def step(cache, q):  # q [L, B, Hq, D]; the same cache read once per layer
@@ -193,6 +182,37 @@ def fused_dense_steps(n: int, batch: int, layers: int) -> dict:
             return jax.lax.fori_loop(0, layers, layer, jnp.float32(0)), cache
 
         return jax.jit(step)
+
+    if jax.default_backend() == "cpu":
+        if not pallas_kernels.cpu_native.available():
+            return {}
+        shape = (batch, KV_HEADS, n, HEAD_DIM)
+        cache = tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
+        slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, KV_HEADS, n))
+
+        def native(k, v, q):  # q [B, Hq, D]
+            group = q.reshape(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+            logits = pallas_kernels.gathered_logits(
+                group, k, slots, scale=HEAD_DIM**-0.5, implementation="cpu"
+            )
+            return pallas_kernels.gathered_attention(logits, v, slots, implementation="cpu")[0]
+
+        return {"cpu_native": (looped(native), cache)}
+    if jax.default_backend() != "gpu":
+        return {}
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    shape = (batch, n, KV_HEADS, HEAD_DIM)
+    cache = tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
+
+    def pallas(k, v, q):  # q [B, Hq, D]
+        return decode_attention.gqa(q, k, v, kv_seq_len=lengths)
+
+    def cudnn(k, v, q):
+        out = jax.nn.dot_product_attention(
+            q[:, None], k, v, key_value_seq_lengths=lengths, implementation="cudnn"
+        )
+        return out[:, 0]
 
     return {"pallas_gqa": (looped(pallas), cache), "cudnn": (looped(cudnn), cache)}
 
@@ -234,10 +254,10 @@ def bench_length(n: int, args, bandwidth: float) -> dict:
     # DASH-KV's is built so the two never sit in memory together at 1M tokens.
     cache = synthetic_cache(dense, n, batch)
     row["dense_ms"], cache = median_ms(attention_step(dense, layers), cache, (q, kv), args.repeats)
-    row["dense_kernel"] = "attend_all"
+    row["dense_kernel"], row["attend_all_ms"] = "attend_all", row["dense_ms"]
     del cache
-    # Where the backend has fused dense decode kernels, the dense baseline is the fastest.
-    for name, (step, fused_cache) in fused_dense_steps(n, batch, layers).items():
+    # Where the backend has dense decode kernels, the dense baseline is the fastest.
+    for name, (step, fused_cache) in kernel_dense_steps(n, batch, layers).items():
         try:
             ms, _ = median_ms(step, fused_cache, (q[:, :, 0],), args.repeats)
         except Exception as error:  # a kernel this GPU or JAX cannot run: say so, go on
@@ -449,18 +469,21 @@ def end_to_end(args, context: int, weights: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        f"{'N':>9} {'B':>2} {'dense ms':>9} {'dashkv ms':>10} {'speedup':>8} {'sandwich':>9}"
-        f" {'dense floor':>11} {'x floor':>7} {'dashkv floor':>12} {'x floor':>7}"
+        f"{'N':>9} {'B':>2} {'dense ms':>9} {'dense kernel':>12} {'dashkv ms':>10} {'speedup':>8}"
+        f" {'vs xla':>7} {'sandwich':>9} {'dense floor':>11} {'x floor':>7} {'dashkv floor':>12}"
+        f" {'x floor':>7}"
     ]
     for row in rows:
         lines.append(
-            f"{row['n']:>9} {row['batch']:>2} {row['dense_ms']:>9.1f} {row['dashkv_ms']:>10.1f} "
-            f"{row['speedup']:>7.1f}x {row['sandwich_speedup']:>8.1f}x "
+            f"{row['n']:>9} {row['batch']:>2} {row['dense_ms']:>9.1f} {row['dense_kernel']:>12} "
+            f"{row['dashkv_ms']:>10.1f} {row['speedup']:>7.1f}x "
+            f"{row['attend_all_ms'] / row['dashkv_ms']:>6.1f}x {row['sandwich_speedup']:>8.1f}x "
             f"{row['dense_floor_ms']:>11.1f} {row['dense_x_floor']:>7.1f} "
             f"{row['dashkv_floor_ms']:>12.2f} {row['dashkv_x_floor']:>7.1f}"
         )
     lines.append(
-        "ms for the step over all layers; sandwich: the speed-up with the shipped hasher's "
+        "ms for the step over all layers; dense: the fastest dense kernel measured, vs xla: the "
+        "speed-up over attend_all (XLA);\nsandwich: the speed-up with the shipped hasher's "
         f"{SANDWICH[0]} + {SANDWICH[1]} exact layers; floors: bytes read / the "
         "measured read bandwidth"
     )

@@ -294,6 +294,8 @@ def main(argv=None):
             "gpu": "none in this run; GPU timings not measured",
         },
         "implementation": pk.resolve_implementation(args.implementation, 4),
+        # The selection and sparse attention rows: the native CPU kernels where built.
+        "decode_implementation": pk.resolve_implementation(args.implementation, 4, native=True),
         "read_probe_512mib_gbps": probe_gbps,
         "repeats": args.repeats,
         "rows": rows,
