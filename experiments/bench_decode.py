@@ -10,9 +10,10 @@ Attention step: one decode step's attention over every layer of the bundled mode
 (30 layers, 9 query / 3 KV heads, head_dim 64, float32) on a synthetic cache of N tokens
 (random keys, values and key codes: the work does not depend on their values), through the same
 `decode` the model calls. Dense: the fastest exact decode attention on this backend, measured:
-`attention.full.attend_all` (an online softmax over chunks of the cache); on the CPU also the
-native kernels DASH-KV reads its tiers with, over every slot; on a GPU also Pallas's fused GPU
-decode attention and cuDNN's (`kernel_dense_steps`, each over a cache in its own layout); on
+`attention.full.attend_all` (an online softmax over chunks of the cache); on the CPU also full
+attention's default there, the native kernels DASH-KV reads its tiers with over every slot
+(`attend_all_native`); on a GPU also Pallas's fused GPU decode attention and cuDNN's
+(`fused_dense_steps`, each over a cache in its own layout); on
 TPU, whose fused decode kernel (ragged paged attention) needs a paged cache, `attend_all`
 alone (not measured here: no TPU has run this). The speed-up is against the fastest; `vs xla`
 against `attend_all`. DASH-KV: the three tiers of `attention.hashed` with every component on and
@@ -164,13 +165,11 @@ def attention_step(attention, layers: int):
     return jax.jit(step, donate_argnums=0)
 
 
-def kernel_dense_steps(n: int, batch: int, layers: int) -> dict:
-    """The kernel dense decode attentions a user would pick beside `attend_all`: {name: (jit
-    step(cache, q) -> (out sum, cache), cache)}, each over `layers` layers and a cache in its
-    own layout. GPU: Pallas's GPU decode attention (`gqa`) and cuDNN through
-    `jax.nn.dot_product_attention` ([B, N, Hkv, D]). CPU: the native kernels DASH-KV reads its
-    tiers with, over every slot ([B, Hkv, N, D]; `cpu_native`, when built): one pass over K,
-    one over V, at the speed this project's own code reads rows."""
+def fused_dense_steps(n: int, batch: int, layers: int) -> dict:
+    """The fused dense decode attentions a GPU user would pick, beside `attend_all` (GPU only):
+    {name: (jit step(cache, q) -> (out sum, cache), cache)}, each over `layers` layers and a
+    cache in its own layout ([B, N, Hkv, D]): Pallas's GPU decode attention (`gqa`) and cuDNN
+    through `jax.nn.dot_product_attention`."""
     rng = np.random.default_rng(0)
     lengths = jnp.full((batch,), n, jnp.int32)
 
@@ -183,21 +182,6 @@ def kernel_dense_steps(n: int, batch: int, layers: int) -> dict:
 
         return jax.jit(step)
 
-    if jax.default_backend() == "cpu":
-        if not pallas_kernels.cpu_native.available():
-            return {}
-        shape = (batch, KV_HEADS, n, HEAD_DIM)
-        cache = tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
-        slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, KV_HEADS, n))
-
-        def native(k, v, q):  # q [B, Hq, D]
-            group = q.reshape(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
-            logits = pallas_kernels.gathered_logits(
-                group, k, slots, scale=HEAD_DIM**-0.5, implementation="cpu"
-            )
-            return pallas_kernels.gathered_attention(logits, v, slots, implementation="cpu")[0]
-
-        return {"cpu_native": (looped(native), cache)}
     if jax.default_backend() != "gpu":
         return {}
     from jax.experimental.pallas.ops.gpu import decode_attention
@@ -251,13 +235,20 @@ def bench_length(n: int, args, bandwidth: float) -> dict:
     row = {"n": n, "batch": batch, "layers": layers, "budget_tokens": dashkv.budget,
            "tier2_tokens": dashkv.tier2}  # fmt: skip
     # Dense first, then DASH-KV, each with its own cache; the dense cache is freed before
-    # DASH-KV's is built so the two never sit in memory together at 1M tokens.
-    cache = synthetic_cache(dense, n, batch)
-    row["dense_ms"], cache = median_ms(attention_step(dense, layers), cache, (q, kv), args.repeats)
-    row["dense_kernel"], row["attend_all_ms"] = "attend_all", row["dense_ms"]
-    del cache
+    # DASH-KV's is built so the two never sit in memory together at 1M tokens. Full attention's
+    # decode: the XLA loop, and on the CPU the native kernels (its default there).
+    denses = {"attend_all": FullAttention(implementation="xla")}
+    if pallas_kernels.resolve_implementation(None, 1, native=True) == "cpu":
+        denses["cpu_native"] = dense
+    for name, attention in denses.items():
+        cache = synthetic_cache(attention, n, batch)
+        step = attention_step(attention, layers)
+        row[f"{name}_ms"], cache = median_ms(step, cache, (q, kv), args.repeats)
+        del cache
+    row["dense_kernel"] = min(denses, key=lambda name: row[f"{name}_ms"])
+    row["dense_ms"] = row[f"{row['dense_kernel']}_ms"]
     # Where the backend has dense decode kernels, the dense baseline is the fastest.
-    for name, (step, fused_cache) in kernel_dense_steps(n, batch, layers).items():
+    for name, (step, fused_cache) in fused_dense_steps(n, batch, layers).items():
         try:
             ms, _ = median_ms(step, fused_cache, (q[:, :, 0],), args.repeats)
         except Exception as error:  # a kernel this GPU or JAX cannot run: say so, go on

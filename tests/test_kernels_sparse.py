@@ -353,6 +353,23 @@ class TestCpuNative(SparseSuite):
         hlo = jax.jit(functools.partial(pk.gathered_logits, scale=1.0)).lower(q, k, slots)
         assert "dashkv_gathered_logits" in hlo.as_text()
 
+    def test_full_attention_decodes_through_them(self):
+        # One new query per row: attend_all lists every slot up to the row's position for the
+        # kernels; the XLA loop's result to float32 rounding, ragged lengths, a stacked cache.
+        from dashkv_jax.attention.full import KVCache, attend_all
+
+        rng = np.random.default_rng(2)
+        for dtype, atol in ((jnp.float32, 2e-6), (jnp.bfloat16, 2**-7)):
+            k, v = (jnp.asarray(rng.standard_normal((2, 2, 3, 300, 64)), dtype) for _ in "kv")
+            cache = KVCache(k=k, v=v, lengths=jnp.asarray([17, 299], jnp.int32))
+            q = jnp.asarray(rng.standard_normal((2, 1, 9, 64)), dtype)
+            native = jax.jit(lambda c, q: attend_all(c, jnp.int32(1), q))
+            assert "dashkv_gathered_attention" in native.lower(cache, q).as_text()
+            xla = attend_all(cache, jnp.int32(1), q, implementation="xla")
+            got = native(cache, q)
+            assert got.dtype == dtype
+            np.testing.assert_allclose(as_float64(got), as_float64(xla), rtol=0, atol=atol)
+
     def test_long_lists_split_across_tasks(self):
         # Lists of several 2048-slot tasks (and a short last one) merged into one softmax.
         rng = np.random.default_rng(5)

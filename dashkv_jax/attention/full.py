@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+import pallas_kernels
 from dashkv_jax.models.causal import causal_attention
 from dashkv_jax.models.config import ModelConfig
 
@@ -93,6 +94,8 @@ class FullAttention:
     """Exact attention over every cached token: the reference every other backend is judged by."""
 
     chunk: int | None = struct.field(pytree_node=False, default=None)  # None: decode_chunk()
+    # Decode: None picks the native CPU kernels where built, "xla" the XLA loop (attend_all).
+    implementation: str | None = struct.field(pytree_node=False, default=None)
 
     def init_cache(self, config, batch, max_len, dtype=jnp.float32) -> KVCache:
         return KVCache.create(config, batch, max_len, dtype)
@@ -102,7 +105,7 @@ class FullAttention:
 
     def decode(self, cache, layer, q, k, v):
         cache = write_token(cache, layer, k, v)
-        return attend_all(cache, layer, q, self.chunk), cache
+        return attend_all(cache, layer, q, self.chunk, implementation=self.implementation), cache
 
     def prefill_chunk(self, cache, layer, q, k, v, start):
         """A prompt's chunk at positions start..start+T-1 (the chunks before it already in the
@@ -138,16 +141,26 @@ def decode_chunk() -> int:
 
 
 def attend_all(
-    cache: KVCache, layer: Array, q: Array, chunk: int | None = None, positions: Array | None = None
+    cache: KVCache,
+    layer: Array,
+    q: Array,
+    chunk: int | None = None,
+    positions: Array | None = None,
+    implementation: str | None = None,
 ) -> Array:
     """Exact attention of queries q [B, T, Hq, D] at positions [B, T] (default: one new query
     per row at `cache.lengths`) over every written slot up to each one's position.
 
     An online softmax over chunks of `chunk` slots (default: `decode_chunk()`, smaller for many
     queries so a chunk's logits stay near 16 MiB), up to the last slot any query sees: a cache
-    longer than what is written costs nothing.
+    longer than what is written costs nothing. One new query per row on the CPU, with no chunk
+    given, goes through the native kernels instead (`attend_all_native`), unless
+    `implementation="xla"`.
     """
     b, t, hq, d = q.shape
+    if positions is None and t == 1 and chunk is None:
+        if pallas_kernels.resolve_implementation(implementation, 1, native=True) == "cpu":
+            return attend_all_native(cache, layer, q)
     hkv, max_len = cache.k.shape[2], cache.max_len
     positions = cache.lengths[:, None] if positions is None else positions  # [B, T]
     qg = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
@@ -192,3 +205,23 @@ def attend_all(
     _, denominator, out = jax.lax.fori_loop(0, n_chunks, step, init)
     out = (out / denominator[..., None]).astype(cache.v.dtype)  # [B, Hkv, G, T, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+def attend_all_native(cache: KVCache, layer: Array, q: Array) -> Array:
+    """`attend_all` of one new query per row [B, 1, Hq, D] through the CPU kernels DASH-KV reads
+    its tiers with, the slot list naming every slot up to the row's position: one pass over K,
+    one over V (`bench_decode.py`: about 2x the byte floor, against 4x for the XLA loop). Every
+    slot of the cache is listed, written or not; unwritten ones are skipped, not read."""
+    b, _, hq, d = q.shape
+    hkv, max_len = cache.k.shape[2], cache.max_len
+    slots = jnp.arange(max_len, dtype=jnp.int32)
+    slots = jnp.where(slots <= cache.lengths[:, None], slots, -1)  # [B, N]
+    slots = jnp.broadcast_to(slots[:, None], (b, hkv, max_len))
+    group = q.reshape(b, hkv, hq // hkv, d)
+    logits = pallas_kernels.gathered_logits(
+        group, cache.k, slots, scale=d**-0.5, layer=layer, implementation="cpu"
+    )  # [B, Hkv, G, N]
+    out, _ = pallas_kernels.gathered_attention(
+        logits, cache.v, slots, layer=layer, implementation="cpu"
+    )
+    return out.astype(cache.v.dtype).reshape(b, 1, hq, d)
