@@ -23,7 +23,8 @@ Slots outside [0, N), -1 by convention, are unused wherever they sit in a list. 
 a stacked cache [L, B, Hkv, N, D] is read in place (no copy of the layer).
 
 Kernel entries take `implementation=None | "xla" | "pallas_tpu" | "pallas_gpu" | "interpret" |
-"interpret_gpu"` (see `api.py`).
+"interpret_gpu" | "cpu"` (see `api.py`); "cpu" is the native CPU kernels (`cpu_native.cc`, XLA
+FFI calls built by `make native`), for the selection and sparse attention entries.
 """
 
 from pallas_kernels.api import (
