@@ -229,7 +229,7 @@ def read_bandwidth(n_bytes: int, repeats: int) -> float:
 
 def bench_length(n: int, args, bandwidth: float) -> dict:
     """Dense and DASH-KV steps over `args.layers` layers at n tokens, batch `args.batch`."""
-    dense, batch, layers = FullAttention(), args.batch, args.layers
+    batch, layers = args.batch, args.layers
     dashkv = every_layer_dashkv(n, args)
     q, kv = step_inputs(layers, batch)
     row = {"n": n, "batch": batch, "layers": layers, "budget_tokens": dashkv.budget,
@@ -239,7 +239,7 @@ def bench_length(n: int, args, bandwidth: float) -> dict:
     # decode: the XLA loop, and on the CPU the native kernels (its default there).
     denses = {"attend_all": FullAttention(implementation="xla")}
     if pallas_kernels.resolve_implementation(None, 1, native=True) == "cpu":
-        denses["cpu_native"] = dense
+        denses["cpu_native"] = FullAttention()
     for name, attention in denses.items():
         cache = synthetic_cache(attention, n, batch)
         step = attention_step(attention, layers)

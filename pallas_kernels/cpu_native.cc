@@ -336,6 +336,11 @@ struct BlockCounts {
   int64_t less[kMaxBounds], equal[kMaxBounds];
 };
 
+// Slots below bound j among those counted in c: D < T, and the first `cut` ties.
+int64_t Below(const BlockCounts& c, int64_t j, int64_t cut) {
+  return c.less[j] + std::min(c.equal[j], cut);
+}
+
 // Writes to out the slots in [start, stop) with distance <= top, ascending, and returns their
 // count; out has room for stop - start + 16. AVX-512 compresses 16 slots per step; elsewhere a
 // branch-free loop (a slot is written always and kept by advancing past it).
@@ -398,11 +403,8 @@ void SelectRanges(ffi::ThreadPool& pool, const int32_t* distances, const int32_t
         seen.equal[j] += tally[row * blocks + blk].equal[j];
       }
     }
+    auto below = [&](int64_t j) { return Below(seen, j, std::max(ties[row * n_bounds + j], 0)); };
     for (int64_t i = 0; i < ranges; ++i) {  // below k_{i+1} and not below k_i
-      auto below = [&](int64_t j) {
-        const int64_t cut = std::max(ties[row * n_bounds + j], 0);
-        return seen.less[j] + std::min(seen.equal[j], cut);
-      };
       // Below-sets are nested: k_{i+1} < k_i leaves the range empty.
       const int64_t taken = std::clamp<int64_t>(below(i + 1) - below(i), 0, sizes[i]);
       counts[row * ranges + i] = static_cast<int32_t>(taken);
@@ -419,9 +421,7 @@ void SelectRanges(ffi::ThreadPool& pool, const int32_t* distances, const int32_t
       seen[j] = before[task].equal[j];
       cut[j] = std::max(ties[row * n_bounds + j], 0);
     }
-    auto below_before = [&](int64_t j) {
-      return before[task].less[j] + std::min(before[task].equal[j], cut[j]);
-    };
+    auto below_before = [&](int64_t j) { return Below(before[task], j, cut[j]); };
     for (int64_t i = 0; i < ranges; ++i) at[i] = below_before(i + 1) - below_before(i);
     int32_t* out = indices + row * width;
     for (const int32_t slot : candidates[task]) {

@@ -320,13 +320,13 @@ def _gather_sizes(jaxpr) -> list[int]:
     return sizes
 
 
-class TestXla(SparseSuite):
-    IMPLEMENTATION = "xla"
-    HYPOTHESIS_EXAMPLES = 8
+class SeveralBlocks:
+    """For the implementations fast enough for long lists (not interpret mode)."""
 
-    def test_several_loop_blocks(self):
-        # Lists longer than one loop block (4096 slots at most) and not a multiple of it: the
-        # fori_loop over blocks plus the shorter last block.
+    def test_several_blocks(self):
+        # Lists longer than one block and not a multiple of it: the XLA path's fori_loop over
+        # blocks of at most 4096 slots plus a shorter last one; the CPU kernels' 2048-slot
+        # tasks, merged into one softmax.
         rng = np.random.default_rng(5)
         q, k, v = random_inputs(rng, 1, 1, 2, 20_000, 16, jnp.float32)
         slots = ragged_slots(rng, 1, 2, 20_000, 9000)[:, 1:]
@@ -335,12 +335,17 @@ class TestXla(SparseSuite):
         check_attention(self.attention(logits, v, slots), logits, v, slots)
 
 
+class TestXla(SeveralBlocks, SparseSuite):
+    IMPLEMENTATION = "xla"
+    HYPOTHESIS_EXAMPLES = 8
+
+
 class TestInterpretTpu(SparseSuite):
     IMPLEMENTATION = "interpret"
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are the CPU's")
-class TestCpuNative(SparseSuite):
+class TestCpuNative(SeveralBlocks, SparseSuite):
     """The native CPU kernels (`make native`): built by `make test`, so never skipped on a CPU."""
 
     IMPLEMENTATION = "cpu"
@@ -369,15 +374,6 @@ class TestCpuNative(SparseSuite):
             got = native(cache, q)
             assert got.dtype == dtype
             np.testing.assert_allclose(as_float64(got), as_float64(xla), rtol=0, atol=atol)
-
-    def test_long_lists_split_across_tasks(self):
-        # Lists of several 2048-slot tasks (and a short last one) merged into one softmax.
-        rng = np.random.default_rng(5)
-        q, k, v = random_inputs(rng, 1, 2, 3, 20_000, 16, jnp.float32)
-        slots = ragged_slots(rng, 1, 2, 20_000, 9000)
-        check_logits(self.logits(q, k, slots, 0.25), q, k, slots, 0.25)
-        logits = attention_logits(rng, slots, 3)
-        check_attention(self.attention(logits, v, slots), logits, v, slots)
 
     def test_only_the_decode_entries(self):
         # hamming_scores (the first decode path's) has no CPU kernel: one clear error.
