@@ -8,7 +8,8 @@ Selection primitives (the fast decode path, DESIGN.md section 3), in distance un
 sort and no top_k over N on any backend:
   `hamming_histogram`  one pass over the codes: the distances D = sum_g popcount(q_g XOR k) of
                        each row's selectable slots [lo, hi) and their histogram over [0, G*b];
-  `distance_histogram` the histogram of distances computed elsewhere (calibrated ones);
+  `distance_histogram` the histogram of distances computed elsewhere (the asymmetric ones);
+  `calibrate_distances` DASH-KV's consensus and momentum discounts, and the new histogram;
   `rank_threshold`     (T, ties) of a rank k from the cumulative histogram;
   `select_ranks`       the slots of rank in [k_a, k_b) (rank order: distance, then slot),
                        ascending, in a fixed-size index list, by one prefix-sum pass over N.
@@ -32,6 +33,7 @@ from pallas_kernels.api import (
     Implementation,
     asymmetric_scores,
     available_implementations,
+    calibrate_distances,
     distance_histogram,
     gathered_attention,
     gathered_logits,
@@ -66,6 +68,7 @@ __all__ = [
     "asymmetric_scores",
     "asymmetric_scores_reference",
     "available_implementations",
+    "calibrate_distances",
     "distance_histogram",
     "gathered_attention",
     "gathered_attention_reference",

@@ -4,6 +4,8 @@
 Selection primitives (the decode path's; distances, not scores, and no sort anywhere):
   hamming_histogram  one pass over the codes: distances D = sum_g popcount(q_g XOR k) of the
                      selectable slots and their histogram over [0, G*b].
+  calibrate_distances DASH-KV's consensus and momentum discounts off the distances, and the
+                     histogram of the result (XLA, or the CPU kernel).
   rank_threshold     (T, ties) of rank k from the cumulative histogram (one XLA implementation).
   select_ranks       the slots of rank in [k_a, k_b), ascending, in a fixed-size index list, by
                      one prefix-sum pass over N. Rank order is (D ascending, slot ascending).
@@ -61,6 +63,7 @@ IMPLEMENTATIONS: tuple[str, ...] = (
 NATIVE_ENTRIES = (
     "hamming_histogram",
     "distance_histogram",
+    "calibrate_distances",
     "select_ranks",
     "gathered_logits",
     "gathered_attention",
@@ -273,14 +276,49 @@ _rank_threshold = jax.jit(reference.rank_threshold)
 def distance_histogram(
     distances: jax.Array, n_bins: int, *, implementation: Implementation | None = None
 ) -> jax.Array:
-    """The histogram of distances that `hamming_histogram` did not produce (DASH-KV's
-    calibrated ones, the asymmetric extension's): [B, Hkv, N] int32 -> [B, Hkv, n_bins] int32,
+    """The histogram of distances that `hamming_histogram` did not produce (the asymmetric
+    extension's, and the calibrated ones on XLA): [B, Hkv, N] int32 -> [B, Hkv, n_bins] int32,
     counting the values in [0, n_bins). XLA everywhere but on the CPU kernels ("cpu")."""
     if distances.dtype != jnp.int32 or distances.ndim != 3 or n_bins < 1:
         raise ValueError(f"want int32 distances [B, Hkv, N] and n_bins >= 1: {distances.shape=}")
     if resolve_implementation(implementation, 1, native=True) == "cpu":
         return cpu_native.distance_histogram_cpu(distances, n_bins)
     return reference.distance_histogram(distances, n_bins)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def calibrate_distances(
+    distances: jax.Array,
+    histogram: jax.Array,
+    consensus: tuple | None = None,
+    momentum: tuple | None = None,
+    *,
+    implementation: Implementation | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """DASH-KV's calibration: per-slot discounts off the distances of every KV head.
+
+    A slot's discount is the sum of (a) consensus: `discount` units where at least `t_vote` KV
+    heads of its row have D <= their threshold, and (b) momentum: round(scale * the sum of the
+    weights listing it). Calibrated D = clip(D - discount, 0, bins - 1); the sentinel stays.
+
+    Args:
+      distances: [B, Hkv, N] int32 in [0, bins) or `DISTANCE_SENTINEL` (`hamming_histogram`'s).
+      histogram: [B, Hkv, bins] int32, the histogram of `distances`.
+      consensus: None (off) or (thresholds [B, Hkv] int32, t_vote int32 [], discount int32 []).
+      momentum: None (off) or (slots [B, M] int32, weights [B, M] float32, scale float32 []):
+        slots outside [0, N) are dropped; a slot's weights are summed in list order.
+      implementation: see the module docstring; XLA everywhere but on the CPU kernels ("cpu"),
+        which visit every slot only for the vote and update the histogram in place.
+
+    Returns:
+      calibrated distances [B, Hkv, N] and their histogram [B, Hkv, bins], int32.
+    """
+    common.check_calibrate_inputs(distances, histogram, consensus, momentum)
+    if consensus is None and momentum is None:
+        return distances, histogram
+    if resolve_implementation(implementation, 1, native=True) == "cpu":
+        return cpu_native.calibrate_distances_cpu(distances, histogram, consensus, momentum)
+    return reference.calibrate_distances_reference(distances, histogram, consensus, momentum)
 
 
 def rank_threshold(histogram: jax.Array, k: jax.Array | int) -> tuple[jax.Array, jax.Array]:

@@ -133,6 +133,45 @@ def check_threshold_inputs(histogram: jax.Array, k) -> None:
         )
 
 
+def check_calibrate_inputs(distances: jax.Array, histogram: jax.Array, consensus, momentum) -> None:
+    """Raises ValueError unless distances [B, Hkv, N] and histogram [B, Hkv, bins] int32,
+    consensus None or (thresholds [B, Hkv] int32, t_vote, discount int32 scalars), momentum None
+    or (slots [B, M] int32, weights [B, M] float32, scale a float32 scalar)."""
+    if distances.dtype != jnp.int32 or distances.ndim != 3 or min(distances.shape) < 1:
+        raise ValueError(
+            f"distances must be int32 [B, Hkv, N], got {distances.dtype=} {distances.shape=}"
+        )
+    if (
+        histogram.dtype != jnp.int32
+        or histogram.shape[:2] != distances.shape[:2]
+        or (histogram.ndim != 3 or histogram.shape[2] < 1)
+    ):
+        raise ValueError(
+            f"histogram must be int32 [B, Hkv, bins], got {histogram.dtype=} "
+            f"{histogram.shape=} for {distances.shape=}"
+        )
+
+    def want(x, dtype, shape, what):
+        if jnp.result_type(x) != dtype or jnp.shape(x) != shape:
+            raise ValueError(
+                f"{what} must be {jnp.dtype(dtype).name} {list(shape)}, got "
+                f"{jnp.result_type(x)} {list(jnp.shape(x))}"
+            )
+
+    if consensus is not None:
+        thresholds, t_vote, discount = consensus
+        want(thresholds, jnp.int32, distances.shape[:2], "consensus thresholds")
+        want(t_vote, jnp.int32, (), "consensus t_vote")
+        want(discount, jnp.int32, (), "consensus discount")
+    if momentum is not None:
+        slots, weights, scale = momentum
+        if jnp.ndim(slots) != 2 or jnp.shape(slots)[0] != distances.shape[0]:
+            raise ValueError(f"momentum slots must be [B, M], got {jnp.shape(slots)}")
+        want(slots, jnp.int32, jnp.shape(slots), "momentum slots")
+        want(weights, jnp.float32, jnp.shape(slots), "momentum weights")
+        want(scale, jnp.float32, (), "momentum scale")
+
+
 def check_select_inputs(distances: jax.Array, lower, upper, size: int) -> None:
     """Raises ValueError unless distances [B, Hkv, N] int32, lower and upper pairs of int32
     [B, Hkv] (threshold, ties), and size an int >= 0."""

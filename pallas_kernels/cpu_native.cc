@@ -1,6 +1,7 @@
 // DASH-KV's decode step on the CPU as XLA FFI custom calls, each one pass over its input:
 //   selection  hamming_histogram (distances and histogram from one read of the codes),
-//              distance_histogram, select_ranks and select_tiers (two passes per row);
+//              distance_histogram, calibrate_distances (in place: the histogram follows the
+//              moved slots), select_ranks and select_tiers (two passes per row);
 //   attention  gathered_logits and gathered_attention: the rows a slot list names are read in
 //              place, by index, and used while in cache. XLA:CPU's own gather moves one element
 //              at a time (about 1 ns each), several times the cost of the bytes (RESULTS.md).
@@ -319,6 +320,161 @@ void DistanceHistogram(ffi::ThreadPool& pool, const int32_t* distances, int32_t*
   MergeHistograms(partial, rows, blocks, bins, hist);
 }
 
+// --- index lists: the positions of the values a test keeps, for calibration and selection -----
+
+// Writes to out the indices i in [start, stop) with values[i] <= bound (kAtMost) or != 0
+// (kNonZero), ascending, and returns their count; out has room for stop - start + 16. AVX-512
+// compresses 16 indices per step; elsewhere a branch-free loop (an index is written always and
+// kept by advancing past it).
+enum class Keep { kAtMost, kNonZero };
+
+template <Keep kKeep>
+int64_t KeepIndices(const int32_t* values, int64_t start, int64_t stop, int32_t bound,
+                    int32_t* out) {
+  int64_t m = 0, i = start;
+#ifdef __AVX512F__
+  const __m512i limit = _mm512_set1_epi32(bound), sixteen = _mm512_set1_epi32(16);
+  __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start)),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                     14, 15));
+  for (; i + 16 <= stop; i += 16) {
+    const __m512i x = _mm512_loadu_si512(values + i);
+    const __mmask16 keep = kKeep == Keep::kAtMost
+                               ? _mm512_cmple_epi32_mask(x, limit)
+                               : _mm512_cmpneq_epi32_mask(x, _mm512_setzero_si512());
+    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi32(keep, index));
+    m += __builtin_popcount(keep);
+    index = _mm512_add_epi32(index, sixteen);
+  }
+#endif
+  for (; i < stop; ++i) {
+    out[m] = static_cast<int32_t>(i);
+    m += kKeep == Keep::kAtMost ? values[i] <= bound : values[i] != 0;
+  }
+  return m;
+}
+
+// --- calibrate_distances: DASH-KV's consensus and momentum discounts, in place ---------------
+
+// Per (batch row, block of slots): the block's discounts in a local array (the KV heads' vote,
+// then the momentum weights summed in list order, as XLA's scatter adds them), then each slot
+// with a discount moved in every head and the histogram by the moves. Without the vote, the
+// only distances read are the discounted slots'.
+constexpr int64_t kCalibrateBlock = 1 << 14;
+
+struct Vote {
+  const int32_t* thresholds;  // [B, Hkv]; null: no consensus
+  int32_t t_vote, units;
+};
+
+struct Momentum {
+  const int32_t* slots;  // [B, M]; null: no momentum
+  const float* weights;  // [B, M]
+  int64_t m;
+  float scale;
+};
+
+// Each row's momentum list [B, M] bucketed by block of kCalibrateBlock slots, in list order (a
+// stable counting sort): the entries of (row b, block k) are listed[first[b * blocks + k] ..),
+// with their weights; slots outside [0, n) are dropped. The buckets live in the calling
+// thread's storage, reused from call to call: fresh pages would cost more than the sort.
+struct Buckets {
+  std::vector<int64_t> first;
+  std::vector<int32_t> listed;
+  std::vector<float> weight;
+};
+
+const Buckets& BucketMomentum(const Momentum& momentum, int64_t batch, int64_t n, int64_t blocks) {
+  thread_local Buckets out;
+  thread_local std::vector<int64_t> next;
+  // fn(entry, bucket) for each entry of the list that is kept.
+  auto each = [&](auto&& fn) {
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t e = b * momentum.m; e < (b + 1) * momentum.m; ++e)
+        if (const int32_t slot = momentum.slots[e]; slot >= 0 && slot < n)
+          fn(e, b * blocks + slot / kCalibrateBlock);
+  };
+  out.first.assign(batch * blocks + 1, 0);
+  each([&](int64_t, int64_t at) { ++out.first[at + 1]; });
+  for (int64_t i = 0; i < batch * blocks; ++i) out.first[i + 1] += out.first[i];
+  out.listed.resize(out.first.back()), out.weight.resize(out.first.back());
+  next.assign(out.first.begin(), out.first.end() - 1);
+  each([&](int64_t e, int64_t at) {
+    out.listed[next[at]] = momentum.slots[e];
+    out.weight[next[at]++] = momentum.weights[e];
+  });
+  return out;
+}
+
+void Calibrate(ffi::ThreadPool& pool, int32_t* distances, int32_t* hist, int64_t batch,
+               int64_t heads, int64_t n, int64_t bins, const Vote& vote,
+               const Momentum& momentum) {
+  const int64_t blocks = (n + kCalibrateBlock - 1) / kCalibrateBlock;
+  static const Buckets kNone;
+  const Buckets& listed =
+      momentum.slots != nullptr ? BucketMomentum(momentum, batch, n, blocks) : kNone;
+  // Histogram changes per task, kept as the buckets are; named by reference, since in the
+  // tasks a thread_local's name is the pool thread's own.
+  thread_local std::vector<int32_t> storage;
+  std::vector<int32_t>& moves = storage;
+  moves.assign(batch * blocks * heads * bins, 0);
+  ParallelFor(pool, batch * blocks, [&](int64_t task) {
+    const int64_t b = task / blocks, start = task % blocks * kCalibrateBlock;
+    const int64_t size = std::min(kCalibrateBlock, n - start);
+    int32_t* rows = distances + b * heads * n + start;  // head h's block at rows + h * n
+    thread_local std::vector<int32_t> discount_buffer, slots_buffer;
+    thread_local std::vector<float> attention_buffer;
+    discount_buffer.assign(kCalibrateBlock, 0);
+    int32_t* __restrict discount = discount_buffer.data();
+    if (vote.thresholds != nullptr) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int32_t* __restrict d = rows + h * n;
+        const int32_t t = vote.thresholds[b * heads + h];
+        for (int64_t i = 0; i < size; ++i) discount[i] += d[i] <= t;
+      }
+      const int32_t t_vote = vote.t_vote, units = vote.units;
+      for (int64_t i = 0; i < size; ++i) discount[i] = discount[i] >= t_vote ? units : 0;
+    }
+    if (momentum.slots != nullptr && listed.first[task] < listed.first[task + 1]) {
+      attention_buffer.resize(kCalibrateBlock);
+      float* attention = attention_buffer.data();
+      const int64_t begin = listed.first[task], end = listed.first[task + 1];
+      for (int64_t e = begin; e < end; ++e) attention[listed.listed[e] - start] = 0;
+      for (int64_t e = begin; e < end; ++e)
+        attention[listed.listed[e] - start] += listed.weight[e];
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t i = listed.listed[e] - start;
+        // jnp.round: half to even, the default rounding mode. Zeroed once used: a slot that
+        // the list names twice is discounted once.
+        discount[i] += static_cast<int32_t>(std::nearbyint(momentum.scale * attention[i]));
+        attention[i] = 0;
+      }
+    }
+    slots_buffer.resize(kCalibrateBlock + 16);
+    const int64_t count =
+        KeepIndices<Keep::kNonZero>(discount, 0, size, 0, slots_buffer.data());
+    int32_t* move = moves.data() + task * heads * bins;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = slots_buffer[j];
+      for (int64_t h = 0; h < heads; ++h) {
+        int32_t& d = rows[h * n + i];
+        if (d == kSentinel) continue;
+        const int32_t c = static_cast<int32_t>(
+            std::clamp<int64_t>(int64_t{d} - discount[i], 0, bins - 1));
+        if (c == d) continue;
+        if (d >= 0 && d < bins) --move[h * bins + d];
+        ++move[h * bins + c];
+        d = c;
+      }
+    }
+  });
+  for (int64_t task = 0; task < batch * blocks; ++task) {
+    int32_t* out = hist + task / blocks * heads * bins;
+    const int32_t* move = moves.data() + task * heads * bins;
+    for (int64_t j = 0; j < heads * bins; ++j) out[j] += move[j];
+  }
+}
+
 // --- select_ranks / select_tiers: the slots of each rank range, ascending ---------------------
 
 // Rank order is (distance, slot): a slot is below rank k, for (T, ties) = rank_threshold(k),
@@ -341,30 +497,6 @@ int64_t Below(const BlockCounts& c, int64_t j, int64_t cut) {
   return c.less[j] + std::min(c.equal[j], cut);
 }
 
-// Writes to out the slots in [start, stop) with distance <= top, ascending, and returns their
-// count; out has room for stop - start + 16. AVX-512 compresses 16 slots per step; elsewhere a
-// branch-free loop (a slot is written always and kept by advancing past it).
-int64_t KeepAtMost(const int32_t* d, int64_t start, int64_t stop, int32_t top, int32_t* out) {
-  int64_t m = 0, slot = start;
-#ifdef __AVX512F__
-  const __m512i limit = _mm512_set1_epi32(top), sixteen = _mm512_set1_epi32(16);
-  __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start)),
-                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                     14, 15));
-  for (; slot + 16 <= stop; slot += 16) {
-    const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_loadu_si512(d + slot), limit);
-    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi32(keep, index));
-    m += __builtin_popcount(keep);
-    index = _mm512_add_epi32(index, sixteen);
-  }
-#endif
-  for (; slot < stop; ++slot) {
-    out[m] = static_cast<int32_t>(slot);
-    m += d[slot] <= top;
-  }
-  return m;
-}
-
 void SelectRanges(ffi::ThreadPool& pool, const int32_t* distances, const int32_t* thresholds,
                   const int32_t* ties, int32_t* indices, int32_t* counts, int64_t rows,
                   int64_t n, int64_t n_bounds, const std::vector<int64_t>& sizes) {
@@ -382,7 +514,7 @@ void SelectRanges(ffi::ThreadPool& pool, const int32_t* distances, const int32_t
     const int32_t top = *std::max_element(t, t + n_bounds);
     thread_local std::vector<int32_t> scratch;  // kept between calls: no page faults
     scratch.resize(kSelectBlock + 16);
-    const int64_t m = KeepAtMost(d, start, stop, top, scratch.data());
+    const int64_t m = KeepIndices<Keep::kAtMost>(d, start, stop, top, scratch.data());
     std::vector<int32_t>& near = candidates[task];
     near.assign(scratch.begin(), scratch.begin() + m);
     BlockCounts& c = tally[task];
@@ -512,6 +644,26 @@ ffi::Error DistanceHistogramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> dis
   return ffi::Error::Success();
 }
 
+ffi::Error CalibrateDistancesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> distances,
+                                  ffi::Buffer<ffi::S32> hist, ffi::Buffer<ffi::S32> thresholds,
+                                  ffi::Buffer<ffi::S32> t_vote, ffi::Buffer<ffi::S32> units,
+                                  ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> weights,
+                                  ffi::Buffer<ffi::F32> scale, bool consensus, bool momentum,
+                                  ffi::ResultBuffer<ffi::S32> distances_out,
+                                  ffi::ResultBuffer<ffi::S32> hist_out) {
+  if (distances_out->typed_data() != distances.typed_data() ||
+      hist_out->typed_data() != hist.typed_data())
+    return ffi::Error::InvalidArgument("calibrate: outputs must alias distances and histogram");
+  auto dims = distances.dimensions();
+  const Vote vote = {consensus ? thresholds.typed_data() : nullptr, t_vote.typed_data()[0],
+                     units.typed_data()[0]};
+  const Momentum listed = {momentum ? slots.typed_data() : nullptr, weights.typed_data(),
+                           slots.dimensions()[1], scale.typed_data()[0]};
+  Calibrate(pool, distances_out->typed_data(), hist_out->typed_data(), dims[0], dims[1], dims[2],
+            hist.dimensions()[2], vote, listed);
+  return ffi::Error::Success();
+}
+
 ffi::Error SelectRangesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> distances,
                             ffi::Buffer<ffi::S32> thresholds, ffi::Buffer<ffi::S32> ties,
                             ffi::Span<const int64_t> sizes, ffi::ResultBuffer<ffi::S32> indices,
@@ -544,6 +696,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvDistanceHistogram, DistanceHistogramImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S32>>()    // distances [B, Hkv, N]
                                   .Ret<ffi::Buffer<ffi::S32>>());  // histogram [B, Hkv, bins]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvCalibrateDistances, CalibrateDistancesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // distances [B, Hkv, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // histogram [B, Hkv, bins]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // vote thresholds [B, Hkv]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // t_vote []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // consensus discount []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // momentum slots [B, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // momentum weights [B, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // momentum scale []
+                                  .Attr<bool>("consensus")
+                                  .Attr<bool>("momentum")
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // distances, in place
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // histogram, in place
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvSelectRanges, SelectRangesImpl,
                               ffi::Ffi::Bind()

@@ -25,6 +25,7 @@ LIBRARY = Path(__file__).with_name("libcpu_native.so")
 _TARGETS = {
     "dashkv_hamming_histogram": "DashkvHammingHistogram",
     "dashkv_distance_histogram": "DashkvDistanceHistogram",
+    "dashkv_calibrate_distances": "DashkvCalibrateDistances",
     "dashkv_select_ranges": "DashkvSelectRanges",
     "dashkv_gathered_logits": "DashkvGatheredLogits",
     "dashkv_gathered_attention": "DashkvGatheredAttention",
@@ -74,6 +75,35 @@ def distance_histogram_cpu(distances, n_bins: int) -> jax.Array:
     _require()
     out = jax.ShapeDtypeStruct((*distances.shape[:2], n_bins), jnp.int32)
     return jax.ffi.ffi_call("dashkv_distance_histogram", out, vmap_method="sequential")(distances)
+
+
+def calibrate_distances_cpu(distances, histogram, consensus, momentum) -> tuple:
+    """`api.calibrate_distances`, in place: the distances and the histogram XLA hands in are
+    updated at the discounted slots only (aliased outputs; XLA copies them first if it still
+    needs them)."""
+    _require()
+    batch, kv_heads, _ = distances.shape
+    off_vote = (jnp.zeros((batch, kv_heads), jnp.int32), jnp.int32(0), jnp.int32(0))
+    off_momentum = (jnp.full((batch, 1), -1, jnp.int32), jnp.zeros((batch, 1)), jnp.float32(0))
+    outs = (jax.ShapeDtypeStruct(distances.shape, jnp.int32),) + (
+        jax.ShapeDtypeStruct(histogram.shape, jnp.int32),
+    )
+    call = jax.ffi.ffi_call(
+        "dashkv_calibrate_distances",
+        outs,
+        vmap_method="sequential",
+        input_output_aliases={0: 0, 1: 1},
+    )
+    return tuple(
+        call(
+            distances,
+            histogram,
+            *(off_vote if consensus is None else consensus),
+            *(off_momentum if momentum is None else momentum),
+            consensus=consensus is not None,
+            momentum=momentum is not None,
+        )
+    )
 
 
 def select_ranges_cpu(distances, bounds, sizes: tuple[int, ...]) -> tuple:

@@ -235,6 +235,39 @@ def distance_histogram(distances: jax.Array, n_bins: int) -> jax.Array:
     return histogram.reshape(batch, kv_heads, n_bins)
 
 
+def calibrate_distances_reference(
+    distances: jax.Array,  # [B, Hkv, N] int32
+    histogram: jax.Array,  # [B, Hkv, bins] int32
+    consensus: tuple | None,  # (thresholds [B, Hkv] int32, t_vote, discount) int32 scalars
+    momentum: tuple | None,  # (slots [B, M] int32, weights [B, M] float32, scale float32 [])
+) -> tuple[jax.Array, jax.Array]:  # [B, Hkv, N], [B, Hkv, bins] int32
+    """DASH-KV's calibrated distances and their histogram (`api.calibrate_distances`): each
+    slot's discount, summed over the two, is taken off its distance in every KV head, clipped
+    to [0, bins). The histogram is counted again (the kernels update the one given)."""
+    batch, _, n = distances.shape
+    n_bins = histogram.shape[-1]
+    discount = jnp.zeros((batch, n), jnp.int32)
+    if consensus is not None:
+        thresholds, t_vote, units = consensus
+        votes = (distances <= thresholds[..., None]).sum(axis=1)  # [B, N]: ties count
+        discount += jnp.where(votes >= t_vote, units, 0)
+    if momentum is not None:
+        slots, weights, scale = momentum
+        slots = jnp.where((slots >= 0) & (slots < n), slots, n)  # n: dropped
+        rows = jnp.arange(batch)[:, None]
+        attention = jnp.zeros((batch, n), jnp.float32).at[rows, slots].add(weights, mode="drop")
+        discount += jnp.round(scale * attention).astype(jnp.int32)
+
+    def discounted(distances, discount):  # [B, Hkv, N], [B, N] -> [B, Hkv, N]
+        calibrated = jnp.clip(distances - discount[:, None], 0, n_bins - 1)
+        return jnp.where(distances != common.DISTANCE_SENTINEL, calibrated, distances)
+
+    # Written once: fused into its consumers (the histogram, each tier's mask packing), the
+    # vote and the discounts were computed five times over every slot.
+    calibrated = unfused(discounted, distances, discount)
+    return calibrated, distance_histogram(calibrated, n_bins)
+
+
 def rank_threshold(
     histogram: jax.Array,  # [B, Hkv, bins] int32
     k: jax.Array | int,  # [B, Hkv] int32 (or broadcastable), >= 0

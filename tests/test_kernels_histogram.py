@@ -176,6 +176,168 @@ class TestRankThreshold:
             pk.rank_threshold(histogram, jnp.zeros((2, 3), jnp.float32))
 
 
+# --- calibrate_distances: the XLA reference and the CPU kernel -------------------------------
+
+
+def numpy_calibrate(distances, consensus, momentum, n_bins):
+    """The discounts slot by slot: the votes, the momentum weights summed in list order."""
+    distances = np.asarray(distances)
+    batch, kv_heads, n = distances.shape
+    discount = np.zeros((batch, n), np.int64)
+    if consensus is not None:
+        thresholds, t_vote, units = (np.asarray(x) for x in consensus)
+        votes = (distances <= thresholds[..., None]).sum(axis=1)
+        discount += np.where(votes >= t_vote, units, 0)
+    if momentum is not None:
+        slots, weights, scale = (np.asarray(x) for x in momentum)
+        for b in range(batch):
+            attention = np.zeros(n, np.float32)
+            for slot, weight in zip(slots[b], weights[b], strict=True):
+                if 0 <= slot < n:
+                    attention[slot] += weight
+            discount[b] += np.round(np.float32(scale) * attention).astype(np.int64)
+    calibrated = np.clip(distances - discount[:, None], 0, n_bins - 1)
+    calibrated = np.where(distances == SENTINEL, SENTINEL, calibrated).astype(np.int32)
+    return calibrated, numpy_histogram(calibrated, n_bins)
+
+
+def calibration_inputs(rng, batch, kv_heads, n, m, n_bins=385):
+    distances = rng.integers(0, n_bins, (batch, kv_heads, n)).astype(np.int32)
+    distances[:, :, : n // 10] = SENTINEL  # sinks, and slots past the length
+    distances = jnp.asarray(distances)
+    consensus = (
+        jnp.asarray(rng.integers(-1, n_bins // 4, (batch, kv_heads)), jnp.int32),
+        jnp.int32(2),
+        jnp.int32(rng.integers(1, 40)),
+    )
+    # Duplicates across the list (the previous layer's KV heads pick the same tokens) and slots
+    # outside [0, n); weights large enough that many round to discounts.
+    slots = jnp.asarray(rng.integers(-2, n + 2, (batch, m)), jnp.int32)
+    momentum = (slots, jnp.asarray(rng.random((batch, m)), jnp.float32), jnp.float32(6.5))
+    return (
+        distances,
+        pk.distance_histogram(distances, n_bins, implementation="xla"),
+        (
+            consensus,
+            momentum,
+        ),
+    )
+
+
+class TestCalibrate:
+    def test_hand_computed(self):
+        # One row, two KV heads, five slots, 10 bins; slot 0 is the sentinel in both heads.
+        #   votes (D <= thresholds 3 and 4): slot 1 (2 <= 3, 4 <= 4) and slot 3 (0, 1): 2 each,
+        #   slot 2 (5, 4): 1 -> consensus discount 2 on slots 1 and 3.
+        #   momentum, scale 4: slot 2 listed twice (0.25 + 0.5 -> 3 units), slot 4 once (0.125
+        #   -> 0.5 rounds to even: 0), slot 7 outside the cache.
+        distances = jnp.asarray([[[SENTINEL, 2, 5, 0, 9], [SENTINEL, 4, 4, 1, 8]]], jnp.int32)
+        histogram = pk.distance_histogram(distances, 10)
+        consensus = (jnp.asarray([[3, 4]], jnp.int32), jnp.int32(2), jnp.int32(2))
+        momentum = (
+            jnp.asarray([[2, 4, 2, 7]], jnp.int32),
+            jnp.asarray([[0.25, 0.125, 0.5, 1.0]], jnp.float32),
+            jnp.float32(4.0),
+        )
+        want = [[[SENTINEL, 0, 2, 0, 9], [SENTINEL, 2, 1, 0, 8]]]  # slot 3: 0 - 2 clips to 0
+        for implementation in ("xla", "cpu"):
+            calibrated, new_histogram = pk.calibrate_distances(
+                distances, histogram, consensus, momentum, implementation=implementation
+            )
+            assert_equal(calibrated, want)
+            assert_equal(new_histogram, numpy_histogram(np.asarray(want), 10))
+
+    @pytest.mark.parametrize("parts", ["consensus", "momentum", "both"])
+    def test_reference_is_the_definition(self, parts):
+        rng = np.random.default_rng(len(parts))
+        distances, histogram, (consensus, momentum) = calibration_inputs(rng, 2, 3, 700, 300)
+        consensus = None if parts == "momentum" else consensus
+        momentum = None if parts == "consensus" else momentum
+        want = numpy_calibrate(distances, consensus, momentum, 385)
+        got = pk.calibrate_distances(
+            distances, histogram, consensus, momentum, implementation="xla"
+        )
+        assert_equal(got[0], want[0])
+        assert_equal(got[1], want[1])
+
+    def test_off_returns_the_input(self):
+        distances, histogram, _ = calibration_inputs(np.random.default_rng(0), 1, 3, 50, 4)
+        got = pk.calibrate_distances(distances, histogram)
+        assert_equal(got[0], distances)
+        assert_equal(got[1], histogram)
+
+    def test_bad_input(self):
+        distances, histogram, (consensus, momentum) = calibration_inputs(
+            np.random.default_rng(0), 1, 3, 50, 4
+        )
+        with pytest.raises(ValueError, match="histogram must be int32"):
+            pk.calibrate_distances(distances, histogram[:, :2])
+        with pytest.raises(ValueError, match="consensus thresholds must be int32"):
+            pk.calibrate_distances(distances, histogram, (consensus[0][:, :2], *consensus[1:]))
+        with pytest.raises(ValueError, match="momentum weights must be float32"):
+            pk.calibrate_distances(
+                distances, histogram, None, (momentum[0], momentum[1][:, :3], momentum[2])
+            )
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are the CPU's")
+class TestCalibrateCpuNative:
+    """The kernel updates the distances and the histogram in place; the reference recounts."""
+
+    def check(self, distances, histogram, consensus, momentum):
+        args = (distances, histogram, consensus, momentum)
+        want = pk.calibrate_distances(*args, implementation="xla")
+        got = pk.calibrate_distances(*args, implementation="cpu")
+        assert_equal(got[0], want[0])
+        assert_equal(got[1], want[1])
+
+    @pytest.mark.parametrize("parts", ["consensus", "momentum", "both"])
+    def test_several_blocks(self, parts):
+        # 40K slots: three 16K-slot blocks per row, each with its own momentum bucket.
+        rng = np.random.default_rng(len(parts))
+        distances, histogram, (consensus, momentum) = calibration_inputs(rng, 2, 3, 40_000, 9000)
+        self.check(
+            distances,
+            histogram,
+            None if parts == "momentum" else consensus,
+            None if parts == "consensus" else momentum,
+        )
+
+    @hypothesis.settings(max_examples=30, deadline=None)
+    @hypothesis.given(
+        seed=st.integers(0, 2**16),
+        batch=st.integers(1, 3),
+        kv_heads=st.integers(1, 4),
+        n=st.integers(1, 3000),
+        m=st.integers(1, 400),
+    )
+    def test_property_ragged(self, seed, batch, kv_heads, n, m):
+        rng = np.random.default_rng(seed)
+        distances, histogram, (consensus, momentum) = calibration_inputs(rng, batch, kv_heads, n, m)
+        consensus = (consensus[0], jnp.int32(rng.integers(1, kv_heads + 1)), consensus[2])
+        self.check(distances, histogram, consensus, momentum)
+
+    def test_inside_jit_keeps_its_input(self):
+        # The kernel writes in place: a caller that still holds the distances gets them intact
+        # (XLA copies them before the call).
+        distances, histogram, (consensus, momentum) = calibration_inputs(
+            np.random.default_rng(3), 1, 3, 5000, 800
+        )
+
+        @jax.jit
+        def both(distances, histogram):
+            calibrated = pk.calibrate_distances(
+                distances, histogram, consensus, momentum, implementation="cpu"
+            )
+            return distances, calibrated
+
+        before = np.asarray(distances).copy()
+        kept, (calibrated, _) = both(distances, histogram)
+        assert_equal(kept, before)
+        assert_equal(distances, before)
+        assert (np.asarray(calibrated) != before).any()
+
+
 # --- The shared suite -----------------------------------------------------------------------
 
 

@@ -228,32 +228,17 @@ class HashedAttention(SparseAttention):
         b, hkv, n = distance.shape
         consensus, momentum = self.hasher.discounts(layer)
         scale = self.distance_scale
-        discount = jnp.zeros((b, n), jnp.int32)
+        vote = prior_list = None
         if self.consensus and hkv >= self.hasher.config.t_vote:
             threshold, _ = pallas_kernels.rank_threshold(total, k1[:, None])
-            votes = (distance <= threshold[..., None]).sum(axis=1)  # [B, n]: ties count
-            agreed = votes >= self.hasher.config.t_vote
-            discount += jnp.where(agreed, jnp.round(consensus * scale).astype(jnp.int32), 0)
+            units = jnp.round(consensus * scale).astype(jnp.int32)
+            vote = (threshold, jnp.int32(self.hasher.config.t_vote), units)
         if self.momentum:
             slots, weights = prior
-            weights = jnp.where(first, 0.0, weights)
-            local = slots - offset
-            local = jnp.where((slots >= 0) & (local >= 0) & (local < n), local, n)  # n: dropped
-            rows = jnp.arange(b)[:, None]
-            attention = jnp.zeros((b, n), jnp.float32).at[rows, local].add(weights, mode="drop")
-            discount += jnp.round(momentum * scale * attention).astype(jnp.int32)
-        if not (self.consensus or self.momentum):
-            return distance, hist
-
-        def discounted(distance, discount):  # [B, Hkv, n], [B, n] -> [B, Hkv, n]
-            calibrated = jnp.clip(distance - discount[:, None], 0, self.bins - 1)
-            return jnp.where(distance != DISTANCE_SENTINEL, calibrated, DISTANCE_SENTINEL)
-
-        # Written once: fused into its consumers (the histogram, each tier's mask packing), the
-        # vote and the discounts were computed five times over every slot.
-        calibrated = unfused(discounted, distance, discount)
-        return calibrated, pallas_kernels.distance_histogram(
-            calibrated, self.bins, implementation=self.implementation
+            local = jnp.where(slots >= 0, slots - offset, -1)  # outside [0, n): not held here
+            prior_list = (local, jnp.where(first, 0.0, weights), momentum * scale)
+        return pallas_kernels.calibrate_distances(
+            distance, hist, vote, prior_list, implementation=self.implementation
         )
 
     def tiers(self, cache, layer, q, pos, prior, *, offset=0, combine=None, before=None):
