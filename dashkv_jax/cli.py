@@ -192,6 +192,14 @@ def _add_perplexity_parser(commands) -> None:
         help="give every budget method that is not hashed the token budget whose bytes per step "
         "match DASH-KV's at --budget and --tier2 (equal work, not equal tokens)",
     )
+    ppl.add_argument(
+        "--prompt-tokens",
+        type=_positive_int,
+        default=0,
+        help="score only the tokens after a prompt of this many, prefilled as each method "
+        "prefills one (SnapKV compresses it, H2O and HashEvict evict to their budget) and then "
+        "decoded step by step (default: every position, teacher-forced)",
+    )
 
 
 def _info(args) -> None:
@@ -281,6 +289,11 @@ def _perplexity(args) -> None:
     from dashkv_jax.models.loaders import load_model
 
     text = read_text(args.text_file)
+    if args.prompt_tokens > args.context - 2:
+        raise DashKVError(
+            f"--prompt-tokens {args.prompt_tokens} leaves nothing to decode in --context "
+            f"{args.context} (at most {args.context - 2})"
+        )
     _check_hashers(args)
     model, tokenizer = load_model(args.model)
     report = perplexity.perplexity_report(
@@ -294,6 +307,7 @@ def _perplexity(args) -> None:
         hasher=args.hasher,
         symmetric=args.symmetric,
         equal_bytes=args.equal_bytes,
+        prompt=args.prompt_tokens,
     )
     report["text_file"] = str(args.text_file)
     print(json.dumps(report, indent=2) if args.json else perplexity.format_report(report))

@@ -145,6 +145,7 @@ def test_perplexity_reports_what_each_method_read(heldout_file, capsys):
         (["--budget", "60"], "leaves nothing to select"),
         (["--budget", "x"], "fraction"),
         (["--tier2", "-1"], "budget must be positive"),
+        (["--prompt-tokens", "511"], "leaves nothing to decode"),
     ],
 )
 def test_perplexity_bad_input(heldout_file, tmp_path, capsys, extra, needle):

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from dashkv_jax import data
+from dashkv_jax.attention.eviction import SnapKVAttention
+from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.hashed import HashedAttention
 from dashkv_jax.attention.sparse import OracleAttention, StreamingAttention
+from dashkv_jax.errors import DashKVError
 from dashkv_jax.evaluation.perplexity import decode_perplexity, token_nll
 from dashkv_jax.hashing.encoders import HasherConfig, simhash
 from dashkv_jax.models.llama import NLL_BLOCK, forward, next_token_nll
@@ -97,3 +100,36 @@ def test_equal_bytes_budgets_read_what_dashkv_reads(smollm2):
     assert equal_bytes_budget("quest", model, dashkv, 8192) == 272
     h2o = equal_bytes_budget("h2o", model, dashkv, 8192)
     assert h2o < 784  # its 4-byte score per token counts too
+
+
+def test_after_a_prompt_full_attention_scores_the_plain_forward(smollm2, ids):
+    """Prefilling 300 tokens and decoding the rest scores what the forward pass does there."""
+    model, _ = smollm2
+    prompt = 300
+    result = decode_perplexity(model, ids, prompt=prompt)
+    assert (result["prompt"], result["scored"], result["tokens"]) == (prompt, 100, 400)
+    per_token = np.asarray(token_nll(model, ids))  # entry p scores ids[p + 1]
+    assert result["nll"] == pytest.approx(float(per_token[prompt - 1 :].mean()), rel=1e-4)
+    # The steps decoding tokens 300 .. 398 read 301 .. 399 tokens: 350 on average.
+    assert result["exact_tokens"] == pytest.approx(350.0)
+    assert result["bytes"] == pytest.approx(350.0 * 2 * 64 * 4)
+
+
+def test_after_a_prompt_snapkv_reads_what_it_kept(smollm2, ids):
+    """Teacher-forced, SnapKV keeps every token (its prompt is one token); after a 300-token
+    prompt it keeps its budget of it, reads less and scores worse than full attention."""
+    model, _ = smollm2
+    snapkv = SnapKVAttention(budget=96)
+    full = decode_perplexity(model, ids, FullAttention(), prompt=300)
+    compressed = decode_perplexity(model, ids, snapkv, prompt=300)
+    assert compressed["perplexity"] > full["perplexity"]
+    # A sparse layer's step reads the 96 prompt tokens kept and those decoded since (1 .. 99),
+    # 146 on average, against full attention's 350.
+    assert compressed["exact_tokens"] < 0.6 * full["exact_tokens"]
+    assert compressed["bytes"] < 0.6 * full["bytes"]
+    teacher_forced = decode_perplexity(model, ids, snapkv)
+    assert teacher_forced["perplexity"] == pytest.approx(
+        decode_perplexity(model, ids)["perplexity"], rel=1e-4
+    )
+    with pytest.raises(DashKVError, match="leaves nothing to decode"):
+        decode_perplexity(model, ids, snapkv, prompt=399)

@@ -18,19 +18,25 @@ from flax import nnx
 from dashkv_jax.attention.eviction import EvictionAttention
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.attention.sparse import SparseAttention
+from dashkv_jax.errors import DashKVError
 from dashkv_jax.evaluation.recall import text_window
 from dashkv_jax.models.causal import Attention
 from dashkv_jax.models.llama import Llama, prefill
 
 
-def decode_perplexity(model: Llama, ids: np.ndarray, attention: Attention | None = None) -> dict:
+def decode_perplexity(
+    model: Llama, ids: np.ndarray, attention: Attention | None = None, *, prompt: int = 0
+) -> dict:
     """ids [T] int32 -> {"perplexity", "nll", "tokens", "exact_tokens", "approx_tokens",
     "bytes", "per_layer"} under `attention` (full attention by default).
 
     exact_tokens, approx_tokens and bytes are means per KV head and step over positions and
-    every layer (the sandwich's exact layers included); per_layer holds each layer's.
+    every layer (the sandwich's exact layers included); per_layer holds each layer's. With a
+    `prompt`, only the tokens after the first `prompt` are scored (`prompted_perplexity`).
     """
     attention = attention or FullAttention()
+    if prompt:
+        return prompted_perplexity(model, ids, attention, prompt)
     if isinstance(attention, EvictionAttention):  # no one-pass teacher forcing: step by step
         return eviction_perplexity(model, ids, attention)
     t = len(ids)
@@ -129,27 +135,69 @@ def eviction_perplexity(model: Llama, ids: np.ndarray, attention: EvictionAttent
     }
 
 
-def _stepwise(model, ids, attention: EvictionAttention):
-    """ids [T] prefilled one token, then decoded one by one, with room to append them all ->
-    `_decode_each_position`'s (nll [T - 1, 1], usage, cache)."""
-    attention = attention.appending(len(ids) - 1)
+def prompted_perplexity(model: Llama, ids: np.ndarray, attention: Attention, prompt: int) -> dict:
+    """`decode_perplexity` of the tokens after a prompt, as generation meets them: ids[:prompt]
+    prefilled the way each method prefills a prompt (SnapKV keeps the tokens its observation
+    window votes for, H2O and HashEvict evict down to their budget, the others keep it all),
+    then ids[prompt:] scored, each decode step reading what the method kept. The one protocol
+    under which SnapKV differs from full attention. Token and byte counts are means over the
+    decode steps whose logits are scored (the first token after the prompt is scored from the
+    prefill's). Adds "prompt" and "scored" (token counts) to the result."""
+    t = len(ids)
+    if not 1 <= prompt <= t - 2:
+        raise DashKVError(f"a prompt of {prompt} tokens leaves nothing to decode in {t} tokens")
+    nll, usage, cache = _stepwise(model, ids, attention, prompt)
+    nll = float(nll.mean())
+    steps = t - 1 - prompt  # decode steps whose logits are scored: tokens prompt .. t - 2
+    visible = prompt + 1 + (steps - 1) / 2  # the step decoding token p reads p + 1 tokens
+    if usage is None:  # full attention: every visible token, exactly
+        usage = np.tile([visible, 0.0], (model.config.num_layers, 1))
+    else:
+        usage = np.asarray(usage)[:steps].mean(axis=(0, 2, 3))  # [L, 2]
+    exact, approx = usage[:, 0], usage[:, 1]
+    step_bytes = layer_bytes(attention, exact, approx, visible, model.config, cache.k.dtype)
+    return {
+        "perplexity": float(np.exp(nll)),
+        "nll": nll,
+        "tokens": t,
+        "prompt": prompt,
+        "scored": t - prompt,
+        "exact_tokens": float(exact.mean()),
+        "approx_tokens": float(approx.mean()),
+        "bytes": float(step_bytes.mean()),
+        **({"cache_bytes": cache.cache_bytes} if hasattr(cache, "cache_bytes") else {}),
+        "per_layer": {
+            "exact_tokens": exact.round(2).tolist(),
+            "approx_tokens": approx.round(2).tolist(),
+            "bytes": step_bytes.round(1).tolist(),
+        },
+    }
+
+
+def _stepwise(model, ids, attention, prompt: int = 1):
+    """ids [T]: the first `prompt` tokens prefilled, each later one decoded, with room to append
+    them all -> `_decode_each_position`'s (nll [T - prompt, 1], usage or None, cache)."""
+    if isinstance(attention, EvictionAttention):
+        attention = attention.appending(len(ids) - prompt)
     cache = model.init_cache(1, len(ids), attention)
-    return _decode_each_position(model, jnp.asarray(ids, jnp.int32)[None], cache, attention)
+    ids = jnp.asarray(ids, jnp.int32)[None]
+    return _decode_each_position(model, ids[:, :prompt], ids[:, prompt:], cache, attention)
 
 
 @functools.partial(nnx.jit, graph_updates=False, donate_argnames="cache")
-def _decode_each_position(model, ids, cache, attention):
-    """Prefill ids[:, :1], then decode ids[:, 1:] one by one -> (nll of each next token
-    [T - 1, B], usage of each decode step [T - 1, L, B, Hkv, 2], the final cache)."""
-    logits, cache = model.prefill(ids[:, :1], cache, attention)
+def _decode_each_position(model, prompt, rest, cache, attention):
+    """Prefill prompt [B, P], then score and decode rest [B, R] one by one -> (nll of each of
+    rest's tokens [R, B], usage of each decode step [R, L, B, Hkv, 2] (None for a cache that
+    keeps none: full attention's), the final cache)."""
+    logits, cache = model.prefill(prompt, cache, attention)
 
     def step(carry, token):  # token [B]: scored by the logits before it, then decoded
         logits, cache = carry
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         logits, cache = model.decode_step(token, cache, attention)
-        return (logits, cache), (nll, cache.usage)
+        return (logits, cache), (nll, getattr(cache, "usage", None))
 
-    (_, cache), (nll, usage) = jax.lax.scan(step, (logits, cache), ids[:, 1:].T)
+    (_, cache), (nll, usage) = jax.lax.scan(step, (logits, cache), rest.T)
     return nll, usage, cache
 
 
@@ -166,11 +214,13 @@ def perplexity_report(
     symmetric=None,
     options: dict | None = None,
     equal_bytes: bool = False,
+    prompt: int = 0,
 ) -> dict:
     """Decode-mode perplexity of the first `context` tokens of `text` through each method (see
     `attention.methods.make_methods` for the settings, `equal_bytes` among them) -> a
     JSON-ready dict: the settings and, per method, `decode_perplexity`'s figures and its token
-    budget."""
+    budget. `prompt` > 0 scores only the tokens after a prompt of that many
+    (`prompted_perplexity`)."""
     from dashkv_jax.attention.methods import make_methods
 
     ids = text_window(model, tokenizer, text, context)
@@ -179,13 +229,17 @@ def perplexity_report(
     )
     window = np.asarray(ids[:context], np.int32)
     results = {
-        name: {**decode_perplexity(model, window, a), "budget": getattr(a, "budget", None)}
+        name: {
+            **decode_perplexity(model, window, a, prompt=prompt),
+            "budget": getattr(a, "budget", None),
+        }
         for name, a in attentions.items()
     }
     budgeted = [a for a in attentions.values() if hasattr(a, "budget")]
     return {
         "model": model.config.name,
         "context": context,
+        "prompt": prompt,
         "equal_bytes": equal_bytes,
         "budget": budgeted[0].budget if budgeted else None,
         "tier2": max((getattr(a, "tier2", 0) for a in budgeted), default=0),
@@ -195,9 +249,14 @@ def perplexity_report(
 
 def format_report(report: dict) -> str:
     """A plain-text table of `perplexity_report`'s result."""
+    scored = (
+        "positions"
+        if not report.get("prompt")
+        else f"steps after a {report['prompt']}-token prompt"
+    )
     rows = [
         f"context {report['context']}, exact budget {report['budget']}, tier 2 {report['tier2']}"
-        ", means per KV head and step over positions and layers",
+        f", means per KV head and step over {scored} and layers",
         f"{'method':<18} {'budget':>7} {'perplexity':>10} {'exact':>8} {'approx':>8} {'bytes':>10}",
     ]
     for name, m in report["methods"].items():
