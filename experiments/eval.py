@@ -6,7 +6,8 @@
 
 Sections (--sections, default all):
   perplexity  decode-mode perplexity on held-out text: every position attends through the
-              method (teacher-forced), with the tokens and bytes per step it used
+              method (teacher-forced), with the tokens and bytes per step it used; with
+              --perplexity-prompt P, only the tokens after a P-token prompt, decoded step by step
   synthetic   RULER-style passkey / multi-key needle / variable tracking on held-out text at
               each length and depth (`dashkv_jax.evaluation.synthetic`), greedy answers scored
               exactly
@@ -62,7 +63,10 @@ class EvalConfig:
     budgets: tuple[str, ...] = ("1/8", "1/16", "1/32", "1/64")
     tier2: str | None = None  # DASH-KV's approximate tokens; None: the hasher's
     equal_bytes: bool = False  # other budget methods read what DASH-KV reads per step
-    perplexity_tokens: int = 8192  # held-out tokens scored per method and budget
+    perplexity_tokens: int = 8192  # held-out tokens per method and budget
+    # Of those, a prompt each method prefills its own way, the rest scored step by step after
+    # it (`prompted_perplexity`: how SnapKV differs from full attention); 0: every position.
+    perplexity_prompt: int = 0
     synthetic_tasks: tuple[str, ...] = synthetic.TASKS
     synthetic_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
     synthetic_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -128,6 +132,9 @@ def perplexity_section(model, tokenizer, config: EvalConfig, save, previous) -> 
     n = len(ids)
     runs = [("full", None)] if "full" in config.methods else []
     runs += [(m, b) for b in config.budgets for m in budgeted(config.methods)]
+    prompt = config.perplexity_prompt
+    if prompt and not 1 <= prompt <= n - 2:
+        raise DashKVError(f"--perplexity-prompt {prompt} leaves nothing to score in {n} tokens")
     done = {(r["method"], r["budget"]): r for r in previous}
     rows = []
     for method, budget in tqdm(runs, desc="perplexity", unit="run"):
@@ -138,7 +145,7 @@ def perplexity_section(model, tokenizer, config: EvalConfig, save, previous) -> 
             model, [method], n, budget, config.tier2, equal_bytes=config.equal_bytes
         ).values()
         start = time.perf_counter()
-        result = decode_perplexity(model, ids, attention)
+        result = decode_perplexity(model, ids, attention, prompt=prompt)
         rows.append(
             {
                 "method": method,
@@ -285,10 +292,14 @@ def markdown(results: dict) -> str:
         budgets = [b for b in results["config"]["budgets"]]
         full = next((r["perplexity"] for r in rows if r["method"] == "full"), None)
         out += ["## Decode-mode perplexity", ""]
-        out += [
-            f"{rows[0]['tokens']} held-out tokens, every position attends through the method.",
-            "",
-        ]
+        if prompt := rows[0].get("prompt"):
+            scope = (
+                f"the {rows[0]['scored']} after a {prompt}-token prompt each method prefilled its"
+                " own way, decoded step by step."
+            )
+        else:
+            scope = "every position attends through the method."
+        out += [f"{rows[0]['tokens']} held-out tokens; scored: {scope}", ""]
         out += ["| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
         if full is not None:
             out += [f"| full | {full:.3f} (every budget) |" + " |" * (len(budgets) - 1)]
@@ -591,7 +602,13 @@ def main(argv=None) -> int:
         help="the synthetic tasks' text: heldout (to report, the default) or validation (to "
         "choose settings on)",
     )
-    parser.add_argument("--perplexity-tokens", type=int, help="held-out tokens scored")
+    parser.add_argument("--perplexity-tokens", type=int, help="held-out tokens per run")
+    parser.add_argument(
+        "--perplexity-prompt",
+        type=int,
+        help="score only the tokens after a prompt of this many, prefilled as each method "
+        "prefills one (default 0: every position, teacher-forced)",
+    )
     parser.add_argument(
         "--equal-bytes",
         action="store_true",
@@ -629,6 +646,7 @@ def main(argv=None) -> int:
         "synthetic_depths": args.synthetic_depths,
         "haystack_split": args.haystack_split,
         "perplexity_tokens": args.perplexity_tokens,
+        "perplexity_prompt": args.perplexity_prompt,
         "equal_bytes": args.equal_bytes,
         "recall_contexts": args.recall_contexts,
         "longbench_data": args.longbench_data,

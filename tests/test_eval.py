@@ -100,6 +100,21 @@ def test_eval_resume_runs_only_new_rows_and_refuses_other_settings(tmp_path, cap
     assert "perplexity_tokens" in capsys.readouterr().err
 
 
+def test_eval_perplexity_after_a_prompt(tmp_path, capsys):
+    """SnapKV compresses the 448-token prompt to its budget: unlike teacher-forced, it no longer
+    equals full attention on the 64 tokens scored after it."""
+    argv = ["--preset", "quick", "--sections", "perplexity", "--methods", "full,snapkv",
+            "--budgets", "1/4", "--perplexity-prompt", "448", "--out", str(tmp_path)]  # fmt: skip
+    assert evaluation.main(argv) == 0
+    full, snapkv = json.loads((tmp_path / "results.json").read_text())["perplexity"]
+    assert (full["prompt"], full["scored"], snapkv["scored"]) == (448, 64, 64)
+    assert snapkv["perplexity"] != pytest.approx(full["perplexity"], rel=1e-3)
+    assert snapkv["bytes"] < full["bytes"]
+    assert "the 64 after a 448-token prompt" in (tmp_path / "results.md").read_text()
+    assert evaluation.main([*argv[:-2], "--perplexity-prompt", "511", "--out", str(tmp_path)]) == 2
+    assert "leaves nothing to score" in capsys.readouterr().err
+
+
 def test_eval_refuses_unknown_methods_and_sections(tmp_path, capsys):
     assert evaluation.main(["--methods", "full,magic", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
