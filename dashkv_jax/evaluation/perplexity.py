@@ -41,29 +41,13 @@ def decode_perplexity(
         return eviction_perplexity(model, ids, attention)
     t = len(ids)
     nll, cache = _teacher_forced(model, ids, attention)
-    nll = float(nll.mean())
-    mean_visible = (t + 1) / 2  # position p sees p + 1 tokens
+    visible = (t + 1) / 2  # position p sees p + 1 tokens
     usage = getattr(cache, "usage", None)
     if usage is None:  # full attention: every visible token, exactly
-        usage = np.zeros((model.config.num_layers, 2))
-        usage[:, 0] = mean_visible
+        usage = np.tile([visible, 0.0], (model.config.num_layers, 1))
     else:
         usage = np.asarray(usage).mean(axis=(1, 2))  # [L, 2] over batch and KV heads
-    exact, approx = usage[:, 0], usage[:, 1]
-    step_bytes = layer_bytes(attention, exact, approx, mean_visible, model.config, cache.k.dtype)
-    return {
-        "perplexity": float(np.exp(nll)),
-        "nll": nll,
-        "tokens": t,
-        "exact_tokens": float(exact.mean()),
-        "approx_tokens": float(approx.mean()),
-        "bytes": float(step_bytes.mean()),
-        "per_layer": {
-            "exact_tokens": exact.round(2).tolist(),
-            "approx_tokens": approx.round(2).tolist(),
-            "bytes": step_bytes.round(1).tolist(),
-        },
-    }
+    return _figures(model, attention, cache, nll, usage, visible, tokens=t)
 
 
 def token_nll(model: Llama, ids: np.ndarray, attention: Attention | None = None) -> np.ndarray:
@@ -113,26 +97,9 @@ def eviction_perplexity(model: Llama, ids: np.ndarray, attention: EvictionAttent
     """
     t = len(ids)
     nll, usage, cache = _stepwise(model, ids, attention)
-    nll = float(nll.mean())
     # Position 0 (the prompt) reads itself in every layer; each later one what usage says.
     usage = (np.asarray(usage).mean(axis=(2, 3)).sum(axis=0) + [1.0, 0.0]) / t  # [L, 2]
-    exact, approx = usage[:, 0], usage[:, 1]
-    step_bytes = layer_bytes(attention, exact, approx, (t + 1) / 2, model.config, cache.k.dtype)
-    return {
-        "perplexity": float(np.exp(nll)),
-        "nll": nll,
-        "tokens": t,
-        "exact_tokens": float(exact.mean()),
-        "approx_tokens": float(approx.mean()),
-        "bytes": float(step_bytes.mean()),
-        "cache_bytes": cache.cache_bytes,
-        "full_cache_bytes": cache.full_cache_bytes,
-        "per_layer": {
-            "exact_tokens": exact.round(2).tolist(),
-            "approx_tokens": approx.round(2).tolist(),
-            "bytes": step_bytes.round(1).tolist(),
-        },
-    }
+    return _figures(model, attention, cache, nll, usage, (t + 1) / 2, tokens=t)
 
 
 def prompted_perplexity(model: Llama, ids: np.ndarray, attention: Attention, prompt: int) -> dict:
@@ -147,25 +114,33 @@ def prompted_perplexity(model: Llama, ids: np.ndarray, attention: Attention, pro
     if not 1 <= prompt <= t - 2:
         raise DashKVError(f"a prompt of {prompt} tokens leaves nothing to decode in {t} tokens")
     nll, usage, cache = _stepwise(model, ids, attention, prompt)
-    nll = float(nll.mean())
     steps = t - 1 - prompt  # decode steps whose logits are scored: tokens prompt .. t - 2
     visible = prompt + 1 + (steps - 1) / 2  # the step decoding token p reads p + 1 tokens
     if usage is None:  # full attention: every visible token, exactly
         usage = np.tile([visible, 0.0], (model.config.num_layers, 1))
     else:
         usage = np.asarray(usage)[:steps].mean(axis=(0, 2, 3))  # [L, 2]
+    return _figures(
+        model, attention, cache, nll, usage, visible, tokens=t, prompt=prompt, scored=t - prompt
+    )
+
+
+def _figures(model, attention, cache, nll, usage, visible, **counts) -> dict:
+    """A run's result: nll of the scored tokens, usage [L, 2] (exact and approximate tokens per
+    KV head and step, means over the steps) of steps that saw `visible` tokens on average;
+    `counts` (tokens, ...) and an eviction cache's sizes go in as they are."""
     exact, approx = usage[:, 0], usage[:, 1]
     step_bytes = layer_bytes(attention, exact, approx, visible, model.config, cache.k.dtype)
+    nll = float(np.mean(nll))
+    sizes = ("cache_bytes", "full_cache_bytes")
     return {
         "perplexity": float(np.exp(nll)),
         "nll": nll,
-        "tokens": t,
-        "prompt": prompt,
-        "scored": t - prompt,
+        **counts,
         "exact_tokens": float(exact.mean()),
         "approx_tokens": float(approx.mean()),
         "bytes": float(step_bytes.mean()),
-        **({"cache_bytes": cache.cache_bytes} if hasattr(cache, "cache_bytes") else {}),
+        **{size: getattr(cache, size) for size in sizes if hasattr(cache, size)},
         "per_layer": {
             "exact_tokens": exact.round(2).tolist(),
             "approx_tokens": approx.round(2).tolist(),
