@@ -11,7 +11,9 @@ its protocol (NarrativeQA, HotpotQA, Qasper, MultiNews, GovReport by F1, TriviaQ
 prompts cut in the middle to 32K or the model's context; `dashkv_jax.evaluation.longbench`),
 each task's official LongBench score beside, on whatever data --longbench-data gives (the
 unzipped data.zip of THUDM/LongBench; without it that part is skipped, and says so). Beside it,
-what runs here without data: decode-mode perplexity of held-out text and RULER-style passkey /
+what runs here without data: decode-mode perplexity of held-out text (its last
+--perplexity-scored tokens, 512 by default, after the rest prefilled as a prompt, as the paper's
+tasks generate after theirs; 0 scores every position) and RULER-style passkey /
 multi-key / variable-tracking prompts. All three are experiments/eval.py's sections, run by it
 (its own output, plots included, is in OUT/table1/); --equal-bytes gives every budget method
 that is not hashed DASH-KV's bytes per step rather than its tokens.
@@ -128,6 +130,10 @@ class Settings:
     longbench_limit: int | None = None  # samples per task (None: all)
     longbench_new_tokens: int | None = None  # None: each task's official generation length
     perplexity_tokens: int | None = None  # None: --context
+    # Scored at the end of those, after the rest prefilled as a prompt, as the paper's tasks
+    # generate after theirs (and the one way SnapKV differs from full attention); 0: every
+    # position, teacher-forced.
+    perplexity_scored: int = 512
     synthetic_tasks: tuple[str, ...] = synthetic.TASKS
     synthetic_lengths: tuple[int, ...] | None = None  # None: --context less room for the answer
     synthetic_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -143,6 +149,7 @@ QUICK = {
     "methods": ("full", "streaming", "dashkv"),
     "longbench_limit": 1,
     "longbench_new_tokens": 4,
+    "perplexity_scored": 64,
     "synthetic_tasks": ("passkey",),
     "synthetic_lengths": (1024,),  # at 512 tokens the model fails the task itself
     "synthetic_depths": (0.5,),
@@ -159,13 +166,15 @@ def table1(settings: Settings, out: Path) -> dict:
     if settings.longbench_data is not None:
         sections.append("longbench")
     context = settings.context
+    tokens = settings.perplexity_tokens or context
     config = evaluation.EvalConfig(
         model=settings.model,
         methods=settings.methods,
         budgets=(settings.budget,),
         tier2=settings.tier2,
         equal_bytes=settings.equal_bytes,
-        perplexity_tokens=settings.perplexity_tokens or context,
+        perplexity_tokens=tokens,
+        perplexity_prompt=tokens - settings.perplexity_scored if settings.perplexity_scored else 0,
         synthetic_tasks=settings.synthetic_tasks,
         synthetic_lengths=settings.synthetic_lengths or (context - ANSWER_ROOM,),
         synthetic_depths=settings.synthetic_depths,
@@ -506,6 +515,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="Table 1: budget methods that are not hashed read DASH-KV's bytes per step",
     )
+    parser.add_argument(
+        "--perplexity-scored",
+        type=int,
+        help="Table 1's perplexity: tokens scored after the rest of --context prefilled as a "
+        "prompt (default 512; --quick: 64; 0: every position, teacher-forced)",
+    )
     parser.add_argument("--longbench-data", help="folder of the official LongBench jsonl files")
     parser.add_argument("--longbench-limit", type=int, help="samples per LongBench task")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (minutes; the tests)")
@@ -520,6 +535,7 @@ def main(argv=None) -> int:
         "queries": args.queries,
         "methods": args.methods and tuple(args.methods.split(",")),
         "equal_bytes": args.equal_bytes,
+        "perplexity_scored": args.perplexity_scored,
         "longbench_data": args.longbench_data,
         "longbench_limit": args.longbench_limit,
     }

@@ -103,6 +103,7 @@ def test_quick_tables_on_the_fixture(tmp_path, capsys):
     # tokens at 1/4 of 512.
     perplexity = {r["method"]: r for r in t1["perplexity"]}
     assert set(perplexity) == {"full", "streaming"}
+    assert all((r["prompt"], r["scored"]) == (448, 64) for r in t1["perplexity"])
     assert perplexity["streaming"]["budget_tokens"] > 128
     assert all(r["budget_tokens"] > 128 for r in longbench if r["method"] == "streaming")
     assert {r["method"] for r in t1["synthetic"]} == {"full", "streaming"}
@@ -138,6 +139,7 @@ def test_table1_without_longbench_data_says_it_needs_it(tmp_path, monkeypatch):
     assert sections == ["perplexity", "synthetic"] and out == tmp_path / "table1"
     assert config.equal_bytes is True and config.budgets == ("1/32",)
     assert config.perplexity_tokens == 4096 and config.synthetic_lengths == (4096 - 192,)
+    assert config.perplexity_prompt == 4096 - 512  # the last 512 scored after a prompt
     assert t1["longbench"] is None and "--longbench-data" in t1["longbench_skipped"]
     tables = {"ours": {"model": "m", "machine": "here", "context": 4096, "budget": "1/32",
                        "equal_bytes": True}, "table1": {"ours": t1}}  # fmt: skip
