@@ -85,7 +85,8 @@ def calibrate_distances_cpu(distances, histogram, consensus, momentum) -> tuple:
     batch, kv_heads, _ = distances.shape
     off_vote = (jnp.zeros((batch, kv_heads), jnp.int32), jnp.int32(0), jnp.int32(0))
     off_momentum = (jnp.full((batch, 1), -1, jnp.int32), jnp.zeros((batch, 1)), jnp.float32(0))
-    outs = (jax.ShapeDtypeStruct(distances.shape, jnp.int32),) + (
+    outs = (
+        jax.ShapeDtypeStruct(distances.shape, jnp.int32),
         jax.ShapeDtypeStruct(histogram.shape, jnp.int32),
     )
     call = jax.ffi.ffi_call(

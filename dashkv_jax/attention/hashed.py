@@ -225,11 +225,10 @@ class HashedAttention(SparseAttention):
         tier-1 sizes; prior: (global slots, weights) [B, M] of the previous DASH-KV layer,
         ignored where `first` (no DASH-KV layer before this one in the step).
         """
-        b, hkv, n = distance.shape
         consensus, momentum = self.hasher.discounts(layer)
         scale = self.distance_scale
         vote = prior_list = None
-        if self.consensus and hkv >= self.hasher.config.t_vote:
+        if self.consensus and distance.shape[1] >= self.hasher.config.t_vote:
             threshold, _ = pallas_kernels.rank_threshold(total, k1[:, None])
             units = jnp.round(consensus * scale).astype(jnp.int32)
             vote = (threshold, jnp.int32(self.hasher.config.t_vote), units)
