@@ -208,19 +208,34 @@ void Attention(ffi::ThreadPool& pool, const float* logits, const T* v, const int
 // --- hamming_histogram: D = sum_g popcount(q_g XOR k) over [lo, hi), and its histogram ------
 
 constexpr int64_t kScanBlock = 1 << 16;  // slots per task: 1 MB of 128-bit codes
+constexpr int64_t kCountChunk = 2048;  // slots whose distances are counted at once (8 KB)
 constexpr int32_t kSentinel = std::numeric_limits<int32_t>::max();
 
-// Counts values in [0, bins) into hist, over four sub-histograms: a run of equal distances
-// would otherwise wait on each increment's store.
-void Count(const int32_t* values, int64_t n, int64_t bins, int32_t* hist) {
-  std::vector<int32_t> sub(4 * bins, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t v = values[i];
-    if (v >= 0 && v < bins) ++sub[(i & 3) * bins + v];
+// Counts values in [0, bins) (others in an overflow bin, dropped) over four interleaved
+// sub-histograms: a run of equal values would otherwise wait on each increment's store.
+class Counter {
+ public:
+  explicit Counter(int64_t bins) : bins_(bins), sub_(4 * (bins + 1), 0) {}
+
+  void Add(const int32_t* values, int64_t n) {
+    int32_t* sub = sub_.data();
+    const int64_t stride = bins_ + 1;
+    auto bin = [this](int32_t v) { return static_cast<uint32_t>(v) < bins_ ? v : bins_; };
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      for (int64_t k = 0; k < 4; ++k) ++sub[k * stride + bin(values[i + k])];
+    for (; i < n; ++i) ++sub[bin(values[i])];
   }
-  for (int64_t j = 0; j < bins; ++j)
-    hist[j] += sub[j] + sub[bins + j] + sub[2 * bins + j] + sub[3 * bins + j];
-}
+
+  void AddTo(int32_t* hist) const {
+    for (int64_t k = 0; k < 4; ++k)
+      for (int64_t j = 0; j < bins_; ++j) hist[j] += sub_[k * (bins_ + 1) + j];
+  }
+
+ private:
+  int64_t bins_;
+  std::vector<int32_t> sub_;  // [4, bins + 1]
+};
 
 // Distances of `count` slots' codes against the group's queries into out, W words per code of
 // type Word. 64 bytes of codes at a time against the queries repeated to 64 bytes (W divides
@@ -251,6 +266,55 @@ void Distances(const Word* q, int64_t g_size, const Word* codes, int64_t count, 
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+// Indices of the even and odd 32-bit lanes of two vectors taken as one of 32 lanes.
+inline __m512i EvenLanes() {
+  return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
+inline __m512i OddLanes() { return _mm512_add_epi32(EvenLanes(), _mm512_set1_epi32(1)); }
+
+// Lane i of the result = lanes 2i and 2i + 1 of (a, b) added: each key's words summed pairwise.
+inline __m512i AddPairs(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_permutex2var_epi32(a, EvenLanes(), b),
+                          _mm512_permutex2var_epi32(a, OddLanes(), b));
+}
+
+template <int64_t W>
+void DistancesAvx512(const uint64_t* q, int64_t g_size, const uint64_t* codes, int64_t count,
+                     int32_t* out) {
+  static_assert(W == 1 || W == 2 || W == 4);
+  std::vector<uint64_t> pattern(g_size * 8);  // each query's words repeated to 64 bytes
+  for (int64_t g = 0; g < g_size; ++g)
+    for (int64_t i = 0; i < 8; ++i) pattern[g * 8 + i] = q[g * W + i % W];
+  int64_t slot = 0;
+  for (; slot + 16 <= count; slot += 16) {
+    __m512i sums[W];  // [W][16 lanes]: the 16 keys' words, in order
+    for (int64_t v = 0; v < W; ++v) {
+      __m512i half[2];
+      for (int64_t h = 0; h < 2; ++h) {
+        const __m512i key = _mm512_loadu_si512(codes + (slot * W) + (2 * v + h) * 8);
+        half[h] = _mm512_setzero_si512();
+        for (int64_t g = 0; g < g_size; ++g) {
+          const __m512i query = _mm512_loadu_si512(pattern.data() + g * 8);
+          half[h] = _mm512_add_epi64(half[h], _mm512_popcnt_epi64(_mm512_xor_si512(query, key)));
+        }
+      }
+      // Popcount sums fit 32 bits: the low halves of both vectors' 64-bit lanes, in order.
+      sums[v] = _mm512_permutex2var_epi32(half[0], EvenLanes(), half[1]);
+    }
+    for (int64_t width = W; width > 1; width /= 2)
+      for (int64_t i = 0; i < width / 2; ++i) sums[i] = AddPairs(sums[2 * i], sums[2 * i + 1]);
+    _mm512_storeu_si512(out + slot, sums[0]);
+  }
+  for (; slot < count; ++slot) {
+    int32_t d = 0;
+    for (int64_t g = 0; g < g_size; ++g)
+      for (int64_t w = 0; w < W; ++w) d += __builtin_popcountll(q[g * W + w] ^ codes[slot * W + w]);
+    out[slot] = d;
+  }
+}
+#endif
+
 // Any word count: one word at a time.
 void DistancesAnyWords(const uint32_t* q, int64_t g_size, int64_t words, const uint32_t* codes,
                        int64_t count, int32_t* out) {
@@ -260,6 +324,27 @@ void DistancesAnyWords(const uint32_t* q, int64_t g_size, int64_t words, const u
       for (int64_t w = 0; w < words; ++w)
         d += __builtin_popcount(q[g * words + w] ^ codes[slot * words + w]);
     out[slot] = d;
+  }
+}
+
+// Distances of `count` codes of `words` uint32 words each, by the fastest loop for the width:
+// pairs of uint32 words read as one uint64 (XLA's buffers are 64-byte aligned, words even).
+void Distances(const uint32_t* q, int64_t g_size, const uint32_t* codes, int64_t count,
+               int64_t words, int32_t* out) {
+  const uint64_t* wide_q = reinterpret_cast<const uint64_t*>(q);
+  const uint64_t* wide_codes = reinterpret_cast<const uint64_t*>(codes);
+  switch (words) {
+    case 1: return Distances<uint32_t, 1>(q, g_size, codes, count, out);
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+    case 2: return DistancesAvx512<1>(wide_q, g_size, wide_codes, count, out);
+    case 4: return DistancesAvx512<2>(wide_q, g_size, wide_codes, count, out);
+    case 8: return DistancesAvx512<4>(wide_q, g_size, wide_codes, count, out);
+#else
+    case 2: return Distances<uint64_t, 1>(wide_q, g_size, wide_codes, count, out);
+    case 4: return Distances<uint64_t, 2>(wide_q, g_size, wide_codes, count, out);
+    case 8: return Distances<uint64_t, 4>(wide_q, g_size, wide_codes, count, out);
+#endif
+    default: return DistancesAnyWords(q, g_size, words, codes, count, out);
   }
 }
 
@@ -290,19 +375,15 @@ void HammingHistogram(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* 
     const uint32_t* q_bh = q + bh * g_size * words;
     int32_t* out = distances + bh * n;
     std::fill(out + start, out + first, kSentinel);
-    const int64_t count = last - first;
-    // Pairs of uint32 words read as one uint64 (XLA's buffers are 64-byte aligned, W even).
-    const uint64_t* wide_q = reinterpret_cast<const uint64_t*>(q_bh);
-    const uint64_t* wide_codes = reinterpret_cast<const uint64_t*>(codes);
-    switch (words) {
-      case 1: Distances<uint32_t, 1>(q_bh, g_size, codes, count, out + first); break;
-      case 2: Distances<uint64_t, 1>(wide_q, g_size, wide_codes, count, out + first); break;
-      case 4: Distances<uint64_t, 2>(wide_q, g_size, wide_codes, count, out + first); break;
-      case 8: Distances<uint64_t, 4>(wide_q, g_size, wide_codes, count, out + first); break;
-      default: DistancesAnyWords(q_bh, g_size, words, codes, count, out + first);
+    // Chunk by chunk, so that each chunk's distances are counted while still in L1.
+    Counter counter(bins);
+    for (int64_t chunk = first; chunk < last; chunk += kCountChunk) {
+      const int64_t count = std::min(kCountChunk, last - chunk);
+      Distances(q_bh, g_size, codes + (chunk - first) * words, count, words, out + chunk);
+      counter.Add(out + chunk, count);
     }
     std::fill(out + last, out + stop, kSentinel);
-    Count(out + first, count, bins, partial.data() + task * bins);
+    counter.AddTo(partial.data() + task * bins);
   });
   MergeHistograms(partial, batch * heads, blocks, bins, hist);
 }
@@ -315,7 +396,9 @@ void DistanceHistogram(ffi::ThreadPool& pool, const int32_t* distances, int32_t*
   ParallelFor(pool, rows * blocks, [&](int64_t task) {
     const int64_t row = task / blocks, start = task % blocks * kScanBlock;
     const int64_t stop = std::min(start + kScanBlock, n);
-    Count(distances + row * n + start, stop - start, bins, partial.data() + task * bins);
+    Counter counter(bins);
+    counter.Add(distances + row * n + start, stop - start);
+    counter.AddTo(partial.data() + task * bins);
   });
   MergeHistograms(partial, rows, blocks, bins, hist);
 }

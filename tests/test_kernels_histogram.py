@@ -594,6 +594,17 @@ class TestCpuNative(SelectionSuite):
             )
         self.check_selection(distances, histogram, 3000, 9000, 6500)
 
+    @pytest.mark.parametrize("bits,g_size", [(64, 9), (128, 1), (256, 5)])
+    def test_vector_loop_widths_and_count_chunks(self, bits, g_size):
+        # The AVX-512 loop (16 slots a step) for each code width it takes, from odd starts, over
+        # 2048-slot counting chunks, with up to nine queries per KV head.
+        rng = np.random.default_rng(bits * g_size)
+        q, k = random_codes(rng, 2, 2, g_size, 5000, bits, pool=700)
+        lo, hi = jnp.asarray([3, 2047], jnp.int32), jnp.asarray([4999, 4100], jnp.int32)
+        distances, histogram = self.histogram(q, k, lo, hi)
+        assert_equal(distances, numpy_distances(q, k, lo, hi))
+        assert_equal(histogram, pk.hamming_histogram_reference(q, k, lo, hi)[1])
+
 
 class TestInterpretGpu(SelectionSuite):
     IMPLEMENTATION = "interpret_gpu"
