@@ -9,6 +9,7 @@ from dashkv_jax.attention.methods import METHODS
 from dashkv_jax.data import read_text
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.models.loaders import DEFAULT_MODEL
+from pallas_kernels.huge_pages import restart_with_huge_pages
 
 
 class _Parser(argparse.ArgumentParser):
@@ -345,5 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The `dashkv` command: `main` in a process whose large buffers sit on huge pages."""
+    restart_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -40,6 +40,7 @@ from dashkv_jax.evaluation.perplexity import decode_perplexity  # noqa: E402
 from dashkv_jax.evaluation.recall import method_metrics  # noqa: E402
 from dashkv_jax.hashing.capture import CaptureConfig, sample_positions  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 OFF = {"consensus": False, "momentum": False}
 ROWS = {  # name: (method, options, which hasher)
@@ -161,4 +162,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

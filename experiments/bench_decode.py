@@ -73,6 +73,7 @@ from dashkv_jax.attention.sparse import middle_bounds  # noqa: E402
 from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.hashing.encoders import SANDWICH, Hasher, HasherConfig  # noqa: E402
 from dashkv_jax.models.config import ModelConfig  # noqa: E402
+from pallas_kernels import huge_pages  # noqa: E402
 
 DEFAULT_LENGTHS = (8192, 32768, 131072, 524288, 1048576)
 # The bundled SmolLM2-135M-Instruct's architecture (test_eval pins it against the GGUF).
@@ -570,7 +571,8 @@ def main(argv=None) -> int:
     except ValueError as error:  # DashKVError among them
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = jax.devices()[0].device_kind
+    device, memory = jax.devices()[0].device_kind, huge_pages.describe()
+    print(f"{device}: {memory}", file=report)
     if args.dense_chunks:
         rows = []
         for n in lengths:
@@ -579,7 +581,7 @@ def main(argv=None) -> int:
             print(f"N = {n}: dense ms by chunk (default {decode_chunk()}): {times}",
                   file=report, flush=True)  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"device": device, "layers": args.layers, "dense_chunks": rows}
+        result = {"device": device, "memory": memory, "layers": args.layers, "dense_chunks": rows}
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         return 0
     if args.profile:
@@ -587,7 +589,13 @@ def main(argv=None) -> int:
         for row in rows:
             print(profile_table(row), file=report, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"device": device, "budget": args.budget, "tier2": args.tier2, "profile": rows}
+        result = {
+            "device": device,
+            "memory": memory,
+            "budget": args.budget,
+            "tier2": args.tier2,
+            "profile": rows,
+        }
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         return 0
     if args.stages:
@@ -597,7 +605,13 @@ def main(argv=None) -> int:
             print(stages_table(rows).splitlines()[-2], file=report, flush=True)
         print(stages_table(rows), file=report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"device": device, "budget": args.budget, "tier2": args.tier2, "stages": rows}
+        result = {
+            "device": device,
+            "memory": memory,
+            "budget": args.budget,
+            "tier2": args.tier2,
+            "stages": rows,
+        }
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         return 0
     bandwidth = read_bandwidth(max(lengths) * KV_HEADS * HEAD_DIM * 4, args.repeats)
@@ -608,7 +622,7 @@ def main(argv=None) -> int:
         rows.append(bench_length(n, args, bandwidth))
         print(table(rows).splitlines()[-2], file=report, flush=True)
     print(table(rows), file=report)
-    result = {"device": device, "budget": args.budget, "tier2": args.tier2,
+    result = {"device": device, "memory": memory, "budget": args.budget, "tier2": args.tier2,
               "read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}  # fmt: skip
     if args.e2e if args.e2e is not None else not args.json:
         result["end_to_end"] = []
@@ -628,4 +642,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()
     sys.exit(main())

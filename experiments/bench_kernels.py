@@ -27,9 +27,8 @@ after a warm-up (the machine may be shared; the load average is recorded).
 
 XLA:CPU allocates its output buffers afresh on every call. Buffers of 32 MiB or more come from
 mmap, and in a VM each 4 KiB page fault is slow, which can double the time of a 1M-token call.
-Unless --no-hugepages is given, the script re-executes itself with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for malloc), for every contender
-alike.
+The script re-executes itself with malloc asking for transparent huge pages
+(`pallas_kernels.huge_pages`, as every entry point does), for every contender alike.
 
   python experiments/bench_kernels.py                 # N in {64K, 256K, 1M}, both shapes
   python experiments/bench_kernels.py --quick         # small N, a smoke test
@@ -49,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout as is
 
-HUGEPAGES = "glibc.malloc.hugetlb=1"
+from pallas_kernels import huge_pages  # noqa: E402
+
 # name: (KV heads, query heads per KV head G, bits b, head_dim)
 SHAPES = {
     "smollm2-135m": (3, 3, 128, 64),
@@ -100,28 +100,15 @@ def parse_args(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="N in {4K, 16K}, 2 repeats")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument(
-        "--no-hugepages", action="store_true", help=f"do not re-run with GLIBC_TUNABLES={HUGEPAGES}"
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.sparse_sizes, args.repeats = "4096,16384", "16384", 2
     return args
 
 
-def reexec_with_hugepages(args):
-    """Re-runs this script with malloc's transparent huge pages on (see the module docstring)."""
-    if args.no_hugepages or HUGEPAGES in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), HUGEPAGES]))
-    os.execve(
-        sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables}
-    )
-
-
 def main(argv=None):
     args = parse_args(argv)
-    reexec_with_hugepages(args)
+    huge_pages.restart_with_huge_pages()
 
     import jax
     import jax.numpy as jnp
@@ -288,7 +275,7 @@ def main(argv=None):
             "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()],
             "jax": jax.__version__,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "memory": huge_pages.describe(),
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "gpu": "none in this run; GPU timings not measured",

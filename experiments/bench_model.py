@@ -37,6 +37,7 @@ from dashkv_jax import DEFAULT_MODEL, data, load_model
 from dashkv_jax.attention.full import FullAttention
 from dashkv_jax.hashing import capture as capture_lib
 from dashkv_jax.models.llama import Llama, prefill
+from pallas_kernels.huge_pages import restart_with_huge_pages
 
 FULL = FullAttention()
 
@@ -200,4 +201,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

@@ -58,6 +58,7 @@ from dashkv_jax.attention.sharded import (  # noqa: E402
 )
 from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.models.llama import decode_step, prefill  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 CONFIG_PREFIX = "decode_"
 DEFAULT_CONFIG = "cpu8"
@@ -298,4 +299,5 @@ def main(argv=None, model_and_tokenizer=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

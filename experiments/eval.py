@@ -47,6 +47,7 @@ from dashkv_jax.evaluation.perplexity import decode_perplexity  # noqa: E402
 from dashkv_jax.evaluation.recall import recall_report  # noqa: E402
 from dashkv_jax.generate import generate_each  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 SECTIONS = ("perplexity", "synthetic", "recall", "longbench")
 # Methods that evict tokens for good: recall, a measure of selection from the whole cache,
@@ -675,4 +676,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

@@ -30,6 +30,7 @@ from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.evaluation.perplexity import decode_perplexity  # noqa: E402
 from dashkv_jax.hashing.artifact import set_decode_defaults  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 
 def choose_sandwich(increase: np.ndarray, factor: float) -> tuple[int, int]:
@@ -149,4 +150,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

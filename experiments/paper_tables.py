@@ -62,6 +62,7 @@ from dashkv_jax.evaluation.recall import recall_report  # noqa: E402
 from dashkv_jax.generate import prefill_exact  # noqa: E402
 from dashkv_jax.models.llama import decode_step  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 SECTIONS = ("table1", "table2")
 # The paper's Table 1 methods; Table 2's three hashers (ours by name, the paper's label).
@@ -554,4 +555,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

@@ -37,6 +37,7 @@ from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.evaluation import synthetic  # noqa: E402
 from dashkv_jax.generate import _prompt_ids, prefill_exact  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 SLOT_MULTIPLE = 512  # caches of nearly equal prompts share one compiled step per method
 
@@ -183,4 +184,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

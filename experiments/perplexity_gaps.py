@@ -39,6 +39,7 @@ from dashkv_jax.errors import DashKVError  # noqa: E402
 from dashkv_jax.evaluation.perplexity import token_nll  # noqa: E402
 from dashkv_jax.evaluation.recall import method_metrics  # noqa: E402
 from dashkv_jax.models.loaders import DEFAULT_MODEL, load_model  # noqa: E402
+from pallas_kernels.huge_pages import restart_with_huge_pages  # noqa: E402
 
 BUCKETS = 8
 
@@ -211,4 +212,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

@@ -1,12 +1,14 @@
 """The `dashkv` command: its output, and one clear line + exit 2 for every kind of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from dashkv_jax.cli import main
+from pallas_kernels import huge_pages
 
 
 def _run(argv, capsys):
@@ -101,6 +103,32 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "dashkv: error:" in result.stderr
+
+
+def test_entry_points_restart_with_huge_pages():
+    """Where the kernel gives huge pages on request and glibc can ask, an entry point restarts
+    once (same process id, same arguments) with malloc asking; a tunable already set, to 0 as
+    the opt-out, is left alone and nothing restarts."""
+    script = (
+        "import os, sys; from pallas_kernels import huge_pages; print('start', os.getpid()); "
+        "huge_pages.restart_with_huge_pages(); "
+        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
+    )
+    expected = huge_pages._thp_mode() == "madvise" and huge_pages._glibc_asks()
+    for tunables, restarts in ((None, expected), ("glibc.malloc.hugetlb=0", False)):
+        environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        environ |= {"GLIBC_TUNABLES": tunables} if tunables else {}
+        result = subprocess.run(
+            [sys.executable, "-c", script, "a b", "--c"],
+            env=environ,
+            capture_output=True,
+            text=True,
+        )
+        lines = result.stdout.splitlines()
+        pid = lines[0].split()[1]
+        assert lines.count(f"start {pid}") == (2 if restarts else 1), result.stdout
+        after = "glibc.malloc.hugetlb=1" if restarts else tunables
+        assert lines[-1] == f"{pid} {after} ['a b', '--c']"
 
 
 @pytest.mark.parametrize("command", ["generate --prompt-file", "recall --text-file"])
