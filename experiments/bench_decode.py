@@ -3,6 +3,7 @@
     python experiments/bench_decode.py                       # N in {8K .. 1M}, + end to end
     python experiments/bench_decode.py --lengths 131072,1048576 --json
     python experiments/bench_decode.py --stages --lengths 131072,1048576
+    python experiments/bench_decode.py --lengths 131072 --cache-layers 30 --no-e2e
     python experiments/bench_decode.py --profile --lengths 1048576 --layers 10
     python experiments/bench_decode.py --dense-chunks 4096,16384,65536 --lengths 131072
 
@@ -20,13 +21,16 @@ against `attend_all`. DASH-KV: the three tiers of `attention.hashed` with every 
 every layer DASH-KV, the exact budget (1/32) and tier 2 (1/64) of N, a hasher shaped like the
 shipped one (untrained weights cost the same). A two-layer cache is allocated and the layers
 take turns over it, read by a traced layer index as in the model's layer scan (30 layers of
-1M tokens would take 46 GB). With the shipped sandwich (its first and last layers exact), a
-model's step costs `sandwich_ms` = the dense step over those layers plus DASH-KV's over the
-rest, derived from the same two measurements.
+1M tokens would take 46 GB). Where the step's reads are small (DASH-KV's: codes and a few rows),
+two layers' worth may stay in a large last-level cache from one step to the next, which a
+model's 30 would not: `--cache-layers 30` gives every layer its own (5.9 GB at 128K). With
+the shipped sandwich (its first and last layers exact), a model's step costs `sandwich_ms` =
+the dense step over those layers plus DASH-KV's over the rest, derived from the same two
+measurements.
 
 Byte floors: what each step must read (dense: K and V of every token; DASH-KV: every code, K and
 V of tier-1 tokens, V and the code of tier-2 ones, `HashedAttention.step_bytes`) over the read
-bandwidth measured in the same run (a streaming sum over a buffer as large as the K cache), and
+bandwidth measured in the same run (a streaming sum over 1 GiB, past the last-level cache), and
 each step's time as a multiple of its floor.
 
 Batch 1 gives the step latency; --batch 8 the throughput of 8 rows decoded together (tokens/s
@@ -88,15 +92,15 @@ BITS = 128  # the shipped hasher's code width
 STAGES = ("encode", "scan", "calibrate", "thresholds", "compact", "attend")
 
 
-# Layers of the synthetic cache: the step's layers take turns over them, by a traced index as
-# in the model's layer scan (a constant index into a one-layer cache would hide the cost of
-# reading a layer out of a stack).
+# Layers of the synthetic cache by default: the step's layers take turns over them, by a traced
+# index as in the model's layer scan (a constant index into a one-layer cache would hide the cost
+# of reading a layer out of a stack). `--cache-layers 30` gives each layer its own.
 CACHE_LAYERS = 2
 
 
-def cache_config(n: int) -> ModelConfig:
+def cache_config(n: int, layers: int) -> ModelConfig:
     return ModelConfig(
-        vocab_size=8, hidden_size=HEADS * HEAD_DIM, intermediate_size=8, num_layers=CACHE_LAYERS,
+        vocab_size=8, hidden_size=HEADS * HEAD_DIM, intermediate_size=8, num_layers=layers,
         num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, max_position=n,
     )  # fmt: skip
 
@@ -115,10 +119,10 @@ def random_cache(cache, length: int, seed: int = 0):
     return cache.replace(**fill)
 
 
-def synthetic_cache(attention, n: int, batch: int = 1, seed: int = 0):
-    """A CACHE_LAYERS-layer cache [CACHE_LAYERS, B, Hkv, N, D] of n - 1 written tokens per row
-    (the step writes the n-th)."""
-    return random_cache(attention.init_cache(cache_config(n), batch, n), n - 1, seed)
+def synthetic_cache(attention, n: int, layers: int, batch: int = 1, seed: int = 0):
+    """A cache [layers, B, Hkv, N, D] of n - 1 written tokens per row (the step writes the
+    n-th)."""
+    return random_cache(attention.init_cache(cache_config(n, layers), batch, n), n - 1, seed)
 
 
 def untrained_dashkv(n: int, budget: str, tier2: str, layers: int, **options) -> HashedAttention:
@@ -137,7 +141,7 @@ def untrained_dashkv(n: int, budget: str, tier2: str, layers: int, **options) ->
 def every_layer_dashkv(n: int, args) -> HashedAttention:
     """`untrained_dashkv` at the run's budgets over the synthetic cache's layers, none dense."""
     return untrained_dashkv(
-        n, args.budget, args.tier2, layers=CACHE_LAYERS, dense_first=0, dense_last=0
+        n, args.budget, args.tier2, layers=args.cache_layers, dense_first=0, dense_last=0
     )
 
 
@@ -149,15 +153,15 @@ def step_inputs(layers: int, batch: int) -> tuple[jax.Array, jax.Array]:
     return q, kv
 
 
-def attention_step(attention, layers: int):
+def attention_step(attention, layers: int, cache_layers: int):
     """jit: (cache, q [L, B, 1, Hq, D], kv [L, 2, B, 1, Hkv, D]) -> (out sum, cache): the
     decode of one token per row through `layers` layers, layer i over cache layer
-    i % CACHE_LAYERS."""
+    i % cache_layers."""
 
     def step(cache, q, kv):
         def layer(i, carry):
             total, cache = carry
-            at = i % CACHE_LAYERS
+            at = i % cache_layers
             out, cache = attention.decode(cache, at, q[i], kv[i, 0], kv[i, 1])
             return total + out.sum(), cache
 
@@ -215,6 +219,12 @@ def median_ms(fn, state, args, repeats: int) -> tuple[float, object]:
     return statistics.median(times), state
 
 
+# The read probe's size: past any last-level cache (this VM reports 300 MB of L3), so that
+# floors are in memory bandwidth at every length; a probe the size of a short context's cache
+# would be read from cache.
+PROBE_BYTES = 1 << 30
+
+
 def read_bandwidth(n_bytes: int, repeats: int) -> float:
     """Bytes per second of a streaming read (a sum) over a float32 buffer of n_bytes."""
     buffer = jnp.ones((n_bytes // 4,), jnp.float32)
@@ -233,8 +243,8 @@ def bench_length(n: int, args, bandwidth: float) -> dict:
     batch, layers = args.batch, args.layers
     dashkv = every_layer_dashkv(n, args)
     q, kv = step_inputs(layers, batch)
-    row = {"n": n, "batch": batch, "layers": layers, "budget_tokens": dashkv.budget,
-           "tier2_tokens": dashkv.tier2}  # fmt: skip
+    row = {"n": n, "batch": batch, "layers": layers, "cache_layers": args.cache_layers,
+           "budget_tokens": dashkv.budget, "tier2_tokens": dashkv.tier2}  # fmt: skip
     # Dense first, then DASH-KV, each with its own cache; the dense cache is freed before
     # DASH-KV's is built so the two never sit in memory together at 1M tokens. Full attention's
     # decode: the XLA loop, and on the CPU the native kernels (its default there).
@@ -242,8 +252,8 @@ def bench_length(n: int, args, bandwidth: float) -> dict:
     if pallas_kernels.resolve_implementation(None, 1, native=True) == "cpu":
         denses["cpu_native"] = FullAttention()
     for name, attention in denses.items():
-        cache = synthetic_cache(attention, n, batch)
-        step = attention_step(attention, layers)
+        cache = synthetic_cache(attention, n, args.cache_layers, batch)
+        step = attention_step(attention, layers, args.cache_layers)
         row[f"{name}_ms"], cache = median_ms(step, cache, (q, kv), args.repeats)
         del cache
     row["dense_kernel"] = min(denses, key=lambda name: row[f"{name}_ms"])
@@ -258,9 +268,9 @@ def bench_length(n: int, args, bandwidth: float) -> dict:
         row[f"{name}_ms"] = ms
         if ms < row["dense_ms"]:
             row["dense_ms"], row["dense_kernel"] = ms, name
-    cache = synthetic_cache(dashkv, n, batch)
+    cache = synthetic_cache(dashkv, n, args.cache_layers, batch)
     row["dashkv_ms"], cache = median_ms(
-        attention_step(dashkv, layers), cache, (q, kv), args.repeats
+        attention_step(dashkv, layers, args.cache_layers), cache, (q, kv), args.repeats
     )
     usage = np.asarray(cache.usage[0]).mean(axis=(0, 1))  # [2]: exact, approximate
     del cache
@@ -295,7 +305,7 @@ def stage_times(n: int, args) -> dict:
     prefix of the step that ends with it (a prefix's outputs are small, so each is its own
     jit), differences taken against the prefix before. Dense attention is timed beside it."""
     dashkv = every_layer_dashkv(n, args)
-    cache = synthetic_cache(dashkv, n)  # layer 1 has a momentum prior to apply
+    cache = synthetic_cache(dashkv, n, args.cache_layers)  # layer 1 has a momentum prior
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM), np.float32))
     layer, pos = jnp.int32(1), cache.lengths
@@ -357,10 +367,10 @@ def dense_chunk_times(n: int, chunks: list[int], args) -> dict:
     `args.repeats`): the chunk `attention.full.DECODE_CHUNKS` sets for this backend, measured."""
     attention = FullAttention()
     q, kv = step_inputs(args.layers, args.batch)
-    cache = synthetic_cache(attention, n, args.batch)
+    cache = synthetic_cache(attention, n, args.cache_layers, args.batch)
     times = {}
     for chunk in chunks:
-        step = attention_step(FullAttention(chunk=chunk), args.layers)
+        step = attention_step(FullAttention(chunk=chunk), args.layers, args.cache_layers)
         times[chunk], cache = median_ms(step, cache, (q, kv), args.repeats)
     return {"n": n, "default_chunk": decode_chunk(), "ms_by_chunk": times}
 
@@ -375,7 +385,8 @@ def profile_step(n: int, args, top: int = 20) -> dict:
 
     dashkv = every_layer_dashkv(n, args)
     q, kv = step_inputs(args.layers, 1)
-    step, cache = attention_step(dashkv, args.layers), synthetic_cache(dashkv, n)
+    step = attention_step(dashkv, args.layers, args.cache_layers)
+    cache = synthetic_cache(dashkv, n, args.cache_layers)
     _, cache = median_ms(step, cache, (q, kv), 1)  # compiled and warm
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -459,20 +470,24 @@ def end_to_end(args, context: int, weights: str) -> dict:
     }
 
 
+def table_line(row: dict) -> str:
+    """One length's row of `table`."""
+    return (
+        f"{row['n']:>9} {row['batch']:>2} {row['dense_ms']:>9.1f} {row['dense_kernel']:>12} "
+        f"{row['dashkv_ms']:>10.1f} {row['speedup']:>7.1f}x "
+        f"{row['attend_all_ms'] / row['dashkv_ms']:>6.1f}x {row['sandwich_speedup']:>8.1f}x "
+        f"{row['dense_floor_ms']:>11.1f} {row['dense_x_floor']:>7.1f} "
+        f"{row['dashkv_floor_ms']:>12.2f} {row['dashkv_x_floor']:>7.1f}"
+    )
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         f"{'N':>9} {'B':>2} {'dense ms':>9} {'dense kernel':>12} {'dashkv ms':>10} {'speedup':>8}"
         f" {'vs xla':>7} {'sandwich':>9} {'dense floor':>11} {'x floor':>7} {'dashkv floor':>12}"
         f" {'x floor':>7}"
     ]
-    for row in rows:
-        lines.append(
-            f"{row['n']:>9} {row['batch']:>2} {row['dense_ms']:>9.1f} {row['dense_kernel']:>12} "
-            f"{row['dashkv_ms']:>10.1f} {row['speedup']:>7.1f}x "
-            f"{row['attend_all_ms'] / row['dashkv_ms']:>6.1f}x {row['sandwich_speedup']:>8.1f}x "
-            f"{row['dense_floor_ms']:>11.1f} {row['dense_x_floor']:>7.1f} "
-            f"{row['dashkv_floor_ms']:>12.2f} {row['dashkv_x_floor']:>7.1f}"
-        )
+    lines += [table_line(row) for row in rows]
     lines.append(
         "ms for the step over all layers; dense: the fastest dense kernel measured, vs xla: the "
         "speed-up over attend_all (XLA);\nsandwich: the speed-up with the shipped hasher's "
@@ -525,6 +540,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument(
+        "--cache-layers",
+        type=int,
+        default=CACHE_LAYERS,
+        help="layers of the synthetic cache, which the step's layers take turns over (2: a "
+        "small working set may stay in a large last-level cache between steps; --layers: "
+        "every layer its own, as in a model, at --layers times the memory)",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument(
         "--stages",
@@ -564,6 +587,8 @@ def main(argv=None) -> int:
             raise DashKVError("--e2e-contexts weights must be bundled or random")
         if args.batch < 1 or args.repeats < 1 or args.layers < 1:
             raise DashKVError("--batch, --repeats and --layers must be >= 1")
+        if not 2 <= args.cache_layers <= args.layers:
+            raise DashKVError("--cache-layers must be in [2, --layers]")
         if args.dense_chunks and min(args.dense_chunks) < 1:
             raise DashKVError("every --dense-chunks chunk must be >= 1 slot")
         for n in lengths:  # a budget the backends refuse fails before any work
@@ -614,13 +639,13 @@ def main(argv=None) -> int:
         }
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         return 0
-    bandwidth = read_bandwidth(max(lengths) * KV_HEADS * HEAD_DIM * 4, args.repeats)
+    bandwidth = read_bandwidth(PROBE_BYTES, args.repeats)
     print(f"device: {device}, read bandwidth {bandwidth / 1e9:.1f} GB/s, budget {args.budget}, "
           f"tier 2 {args.tier2}, batch {args.batch}", file=report)  # fmt: skip
     rows = []
     for n in lengths:
         rows.append(bench_length(n, args, bandwidth))
-        print(table(rows).splitlines()[-2], file=report, flush=True)
+        print(table_line(rows[-1]), file=report, flush=True)
     print(table(rows), file=report)
     result = {"device": device, "memory": memory, "budget": args.budget, "tier2": args.tier2,
               "read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}  # fmt: skip

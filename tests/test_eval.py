@@ -127,7 +127,7 @@ def test_eval_refuses_unknown_methods_and_sections(tmp_path, capsys):
 def test_bench_decode_prints_one_json_list(tmp_path):
     command = [
         sys.executable, str(ROOT / "experiments" / "bench_decode.py"), "--lengths", "1024,2048",
-        "--budget", "1/8", "--repeats", "1", "--layers", "2", "--json",
+        "--budget", "1/8", "--repeats", "1", "--layers", "3", "--cache-layers", "3", "--json",
         "--out", str(tmp_path / "bench"),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
@@ -138,11 +138,12 @@ def test_bench_decode_prints_one_json_list(tmp_path):
             row["dense_ms"] > 0 and row["dashkv_ms"] > 0 and row["budget_tokens"] == row["n"] // 8
         )
         assert row["tier2_tokens"] == row["n"] // 64 and row["exact_tokens"] == row["n"] // 8
+        assert row["layers"] == row["cache_layers"] == 3
         assert 0 < row["dashkv_floor_ms"] < row["dense_floor_ms"]
     assert "N" in done.stderr  # the table goes to stderr with --json
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == rows and (tmp_path / "bench.png").is_file()
-    assert saved["read_bandwidth_gb_s"] > 0
+    assert saved["read_bandwidth_gb_s"] > 0 and "huge pages" in saved["memory"]
 
 
 def test_bench_decode_profile_lists_compiled_ops(tmp_path):
@@ -224,7 +225,13 @@ def test_bench_decode_random_weights_end_to_end():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--lengths", "1024,abc"], ["--lengths", "100"], ["--batch", "0"], ["--lengths", "1024"]],
+    [
+        ["--lengths", "1024,abc"],
+        ["--lengths", "100"],
+        ["--batch", "0"],
+        ["--cache-layers", "1"],
+        ["--lengths", "1024"],
+    ],
 )  # the last: budget 1/32 of 1024 leaves nothing beyond the sink and window tokens
 def test_bench_decode_bad_input(argv, capsys):
     assert bench_decode.main(argv) == 2
