@@ -150,12 +150,16 @@ def heldout_file(tmp_path_factory):
 
 def test_perplexity_reports_what_each_method_read(heldout_file, capsys):
     argv = ["perplexity", "--text-file", str(heldout_file), "--context", "512", "--budget", "128"]
-    code, out, err = _run([*argv, "--methods", "full,simhash,dashkv", "--json"], capsys)
+    methods = ["--methods", "full,streaming,dashkv", "--equal-bytes", "--json"]
+    code, out, err = _run([*argv, *methods], capsys)
     assert code == 0, err
     report = json.loads(out)
     methods = report["methods"]
-    assert list(methods) == ["full", "simhash", "dashkv"]
+    assert list(methods) == ["full", "streaming", "dashkv"]
     assert report["tier2"] == 512 // 64  # the shipped hasher's 1/64
+    # The budget asked for, DASH-KV's; StreamingLLM's matches its bytes with more tokens.
+    assert report["budget"] == methods["dashkv"]["budget"] == 128
+    assert methods["streaming"]["budget"] > 128
     for m in methods.values():
         assert {"perplexity", "exact_tokens", "approx_tokens", "bytes"} <= set(m)
     full, dashkv = methods["full"], methods["dashkv"]

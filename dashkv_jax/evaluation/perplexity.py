@@ -196,7 +196,7 @@ def perplexity_report(
     JSON-ready dict: the settings and, per method, `decode_perplexity`'s figures and its token
     budget. `prompt` > 0 scores only the tokens after a prompt of that many
     (`prompted_perplexity`)."""
-    from dashkv_jax.attention.methods import make_methods
+    from dashkv_jax.attention.methods import make_methods, parse_budget
 
     ids = text_window(model, tokenizer, text, context)
     attentions = make_methods(
@@ -216,7 +216,8 @@ def perplexity_report(
         "context": context,
         "prompt": prompt,
         "equal_bytes": equal_bytes,
-        "budget": budgeted[0].budget if budgeted else None,
+        # The exact budget asked for; with equal_bytes the others' own are under "methods".
+        "budget": parse_budget(budget, context) if budgeted else None,
         "tier2": max((getattr(a, "tier2", 0) for a in budgeted), default=0),
         "methods": results,
     }
