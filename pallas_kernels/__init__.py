@@ -25,7 +25,8 @@ a stacked cache [L, B, Hkv, N, D] is read in place (no copy of the layer).
 
 Kernel entries take `implementation=None | "xla" | "pallas_tpu" | "pallas_gpu" | "interpret" |
 "interpret_gpu" | "cpu"` (see `api.py`); "cpu" is the native CPU kernels (`cpu_native.cc`, XLA
-FFI calls built by `make native`), for the selection and sparse attention entries.
+FFI calls built by `make native`), for the selection and sparse attention entries; they read
+rows fastest from huge pages, which `huge_pages.restart_with_huge_pages` asks malloc for.
 """
 
 from pallas_kernels.api import (
