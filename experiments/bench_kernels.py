@@ -18,7 +18,9 @@ and the selection primitives of the fast decode path (distances, no sort):
 and sparse attention over rows read by slot (DASH-KV's decode step, --sparse-sizes, head shape
 smollm2-135m unless --sparse-shapes says otherwise; float32 caches; E = N/32 exact slots and
 M = E + N/16 slots in all, each list ascending as select_ranks gives it):
-  gathered  gathered_logits (E slots) + gathered_attention (M slots): rows read by index
+  gathered  gathered_logits (E slots) + gathered_attention (M slots): rows read by index;
+            "consecutive", the same step over slots 0 .. M-1 (the rows streamed: what
+            scattering them costs)
   gather    today's XLA formulation: take_along_axis of the K and V rows, einsum, softmax
   floor     the bytes the step must move (K rows of E, V rows of M, slots, logits) over the
             512 MiB read probe's bandwidth
@@ -406,6 +408,8 @@ def bench_sparse(args, best_time, probe_gbps):
             slots = jnp.asarray(slots[None], jnp.int32)  # [1, Hkv, M]
             approx_shape = (1, kv_heads, g_size, listed - exact)
             approx = jnp.asarray(rng.standard_normal(approx_shape, dtype=np.float32))
+            # The control: the same numbers of rows, consecutive (streamed, no scattered miss).
+            in_order = jnp.broadcast_to(jnp.arange(listed, dtype=jnp.int32), slots.shape)
 
             new_logits = functools.partial(gathered_logits, scale=scale)
             old_logits = functools.partial(take_einsum_logits, scale=scale)
@@ -425,6 +429,9 @@ def bench_sparse(args, best_time, probe_gbps):
                     jax.jit(softmax_take_einsum), logits, v_cache, slots
                 ),
                 "gathered_step": best_time(new_step, *step_args),
+                "gathered_step_consecutive": best_time(
+                    new_step, q, k_cache, v_cache, in_order[..., :exact], in_order, approx
+                ),
                 "take_einsum_step": best_time(old_step, *step_args),
             }
             row_bytes = head_dim * 4
@@ -468,6 +475,7 @@ def print_sparse_row(row, header):
         ("attn ms", "{:>7.2f}", 1e3 * t["gathered_attention"]),
         ("(take)", "{:>6.2f}", 1e3 * t["softmax_take_einsum"]),
         ("step ms", "{:>7.2f}", 1e3 * t["gathered_step"]),
+        ("(consecutive)", "{:>13.2f}", 1e3 * t["gathered_step_consecutive"]),
         ("(take)", "{:>6.2f}", 1e3 * t["take_einsum_step"]),
         ("x", "{:>4.1f}", row["step_speedup"]),
         ("/floor", "{:>6.1f}", t["gathered_step"] / row["floor_seconds"]),
