@@ -279,6 +279,9 @@ inline __m512i AddPairs(__m512i a, __m512i b) {
                           _mm512_permutex2var_epi32(a, OddLanes(), b));
 }
 
+// `Distances` 16 slots at a time, W 64-bit words per code: 2W vectors of eight words, each
+// word's popcount summed over the queries, narrowed to 32 bits and summed per key by permutes,
+// then one 16-lane store (the portable loop ends each 64 bytes in scalar sums per slot).
 template <int64_t W>
 void DistancesAvx512(const uint64_t* q, int64_t g_size, const uint64_t* codes, int64_t count,
                      int32_t* out) {
