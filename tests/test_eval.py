@@ -146,6 +146,21 @@ def test_bench_decode_prints_one_json_list(tmp_path):
     assert saved["read_bandwidth_gb_s"] > 0 and "huge pages" in saved["memory"]
 
 
+def test_bench_kernels_sparse_rows_with_their_control(tmp_path):
+    """bench_kernels' sparse rows: the step over scattered slots, over consecutive ones (the
+    control), floors from bench_decode's probe, the memory setting recorded."""
+    command = [
+        sys.executable, str(ROOT / "experiments" / "bench_kernels.py"), "--quick",
+        "--sparse-only", "--json", str(tmp_path / "kernels.json"),
+    ]  # fmt: skip
+    subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert saved["read_probe_gbps"] > 0 and "huge pages" in saved["machine"]["memory"]
+    (row,) = saved["sparse_rows"]
+    assert row["n"] == 16384 and row["floor_seconds"] > 0
+    assert row["seconds"]["gathered_step"] > 0 and row["seconds"]["gathered_step_consecutive"] > 0
+
+
 def test_bench_decode_profile_lists_compiled_ops(tmp_path):
     command = [
         sys.executable, str(ROOT / "experiments" / "bench_decode.py"), "--profile",
