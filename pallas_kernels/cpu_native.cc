@@ -266,6 +266,18 @@ void Distances(const Word* q, int64_t g_size, const Word* codes, int64_t count, 
   }
 }
 
+// Any word count: one word at a time.
+void DistancesAnyWords(const uint32_t* q, int64_t g_size, int64_t words, const uint32_t* codes,
+                       int64_t count, int32_t* out) {
+  for (int64_t slot = 0; slot < count; ++slot) {
+    int32_t d = 0;
+    for (int64_t g = 0; g < g_size; ++g)
+      for (int64_t w = 0; w < words; ++w)
+        d += __builtin_popcount(q[g * words + w] ^ codes[slot * words + w]);
+    out[slot] = d;
+  }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 // Indices of the even and odd 32-bit lanes of two vectors taken as one of 32 lanes.
 inline __m512i EvenLanes() {
@@ -309,26 +321,11 @@ void DistancesAvx512(const uint64_t* q, int64_t g_size, const uint64_t* codes, i
       for (int64_t i = 0; i < width / 2; ++i) sums[i] = AddPairs(sums[2 * i], sums[2 * i + 1]);
     _mm512_storeu_si512(out + slot, sums[0]);
   }
-  for (; slot < count; ++slot) {
-    int32_t d = 0;
-    for (int64_t g = 0; g < g_size; ++g)
-      for (int64_t w = 0; w < W; ++w) d += __builtin_popcountll(q[g * W + w] ^ codes[slot * W + w]);
-    out[slot] = d;
-  }
+  // The last count % 16 slots, a uint32 word at a time.
+  DistancesAnyWords(reinterpret_cast<const uint32_t*>(q), g_size, 2 * W,
+                    reinterpret_cast<const uint32_t*>(codes + slot * W), count - slot, out + slot);
 }
 #endif
-
-// Any word count: one word at a time.
-void DistancesAnyWords(const uint32_t* q, int64_t g_size, int64_t words, const uint32_t* codes,
-                       int64_t count, int32_t* out) {
-  for (int64_t slot = 0; slot < count; ++slot) {
-    int32_t d = 0;
-    for (int64_t g = 0; g < g_size; ++g)
-      for (int64_t w = 0; w < words; ++w)
-        d += __builtin_popcount(q[g * words + w] ^ codes[slot * words + w]);
-    out[slot] = d;
-  }
-}
 
 // Distances of `count` codes of `words` uint32 words each, by the fastest loop for the width:
 // pairs of uint32 words read as one uint64 (XLA's buffers are 64-byte aligned, words even).
