@@ -33,7 +33,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 2048;  // slots per task: [G, D] partials stay small, tasks many
-constexpr int kPrefetch = 8;      // rows ahead: slot lists are sorted but sparse, so the
+constexpr int kPrefetch = 16;     // rows ahead: slot lists are sorted but sparse, so the
                                   // hardware prefetcher cannot follow them
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -79,21 +79,98 @@ const T* Row(const T* cache, int64_t layer_bh, int64_t n, int64_t d, int64_t slo
   return cache + (layer_bh * n + slot) * d;
 }
 
-// Asks for the cache lines of row `slot` (when it names one) ahead of its use.
+// Asks for the cache lines of row `slot` (when it names one) ahead of its use, into L2: on
+// AMD Zen 4 prefetches into L1 held the scattered rows to a third of the rate (RESULTS.md).
 template <typename T>
 void Prefetch(const T* cache, int64_t layer_bh, int64_t n, int64_t d, int32_t slot) {
   if (slot < 0 || slot >= n) return;
   const char* row = reinterpret_cast<const char*>(Row(cache, layer_bh, n, d, slot));
-  for (int64_t byte = 0; byte < d * int64_t{sizeof(T)}; byte += 64) __builtin_prefetch(row + byte);
+  for (int64_t byte = 0; byte < d * int64_t{sizeof(T)}; byte += 64)
+    __builtin_prefetch(row + byte, /*rw=*/0, /*locality=*/2);
+}
+
+// --- 16-float vectors (GCC vector extensions: AVX-512, AVX2 or SSE, whatever -march gives) ---
+
+typedef float Floats __attribute__((vector_size(64)));     // 16 lanes
+typedef int32_t Ints __attribute__((vector_size(64)));     // 16 lanes
+typedef uint16_t Halves __attribute__((vector_size(32)));  // 16 lanes
+constexpr int64_t kLanes = 16;
+
+inline Floats Load(const float* p) {
+  Floats x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline Floats Load(const uint16_t* p) {  // 16 bfloat16: each float32's upper half
+  Halves h;
+  std::memcpy(&h, p, sizeof(h));
+  Ints bits = __builtin_convertvector(h, Ints) << 16;
+  Floats x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+inline Ints LoadInts(const int32_t* p) {
+  Ints x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline void Store(float* p, Floats x) { std::memcpy(p, &x, sizeof(x)); }
+
+inline float Sum(Floats x) {  // halves added until one lane is left: a tree, not a chain
+  typedef float F8 __attribute__((vector_size(32)));
+  typedef float F4 __attribute__((vector_size(16)));
+  F8 x8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+          __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  F4 x4 = __builtin_shufflevector(x8, x8, 0, 1, 2, 3) + __builtin_shufflevector(x8, x8, 4, 5, 6, 7);
+  return (x4[0] + x4[2]) + (x4[1] + x4[3]);
+}
+
+inline Floats Max(Floats a, Floats b) { return a > b ? a : b; }
+
+// exp(x) lane by lane (Cephes' expf: 2^n times a degree-6 polynomial of the rest; about 1 ulp),
+// 0 below -87.3 (where float32's exp would be subnormal) and at -inf.
+inline Floats Exp(Floats x) {
+  const Floats n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  Floats r = x - n * 0.693359375f;  // ln 2 in two parts: the first exact in float32
+  r = r + n * 2.12194440e-4f;
+  Floats p = Floats{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Ints scale = (__builtin_convertvector(n, Ints) + 127) << 23;  // 2^n as float bits
+  Floats two_n;
+  std::memcpy(&two_n, &scale, sizeof(two_n));
+  return x < -87.3f ? Floats{} : p * two_n;
 }
 
 // --- gathered_logits: out[b, h, g, e] = scale * q[b, h, g] . k[layer, b, h, slots[b, h, e]] ---
+
+constexpr int64_t kRows = 4;  // rows used together: their FMAs independent, their loads shared
+
+// Rows[r] = row slots[e + r] of a task's block, or `zero` past its end or where no row is
+// named; prefetches the rows kPrefetch ahead. Returns which of the kRows name a row.
+template <typename T>
+int Gather(const T* cache, int64_t layer_bh, int64_t n, int64_t d, const int32_t* slots,
+           int64_t e, int64_t stop, const T* zero, const T* (&rows)[kRows]) {
+  int named = 0;
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (e + r + kPrefetch < stop) Prefetch(cache, layer_bh, n, d, slots[e + r + kPrefetch]);
+    const int32_t slot = e + r < stop ? slots[e + r] : -1;
+    const bool ok = slot >= 0 && slot < n;
+    rows[r] = ok ? Row(cache, layer_bh, n, d, slot) : zero;
+    named |= ok << r;
+  }
+  return named;
+}
 
 template <typename T>
 void Logits(ffi::ThreadPool& pool, const float* q, const T* k, const int32_t* slots, float* out,
             int64_t layer, int64_t batch, int64_t heads, int64_t g_size, int64_t n, int64_t d,
             int64_t e_size, float scale) {
-  const int64_t blocks = (e_size + kBlock - 1) / kBlock;
+  const int64_t blocks = (e_size + kBlock - 1) / kBlock, full = d / kLanes * kLanes;
   ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
     const int64_t bh = task / blocks, start = task % blocks * kBlock;
     const int64_t stop = std::min(start + kBlock, e_size);
@@ -101,27 +178,22 @@ void Logits(ffi::ThreadPool& pool, const float* q, const T* k, const int32_t* sl
     const int32_t* row_slots = slots + bh * e_size;
     const float* q_bh = q + bh * g_size * d;
     float* out_bh = out + bh * g_size * e_size;
-    std::vector<float> row(d);
-    for (int64_t e = start; e < stop; ++e) {
-      if (e + kPrefetch < stop) Prefetch(k, layer_bh, n, d, row_slots[e + kPrefetch]);
-      const int32_t slot = row_slots[e];
-      if (slot < 0 || slot >= n) {
-        for (int64_t g = 0; g < g_size; ++g) out_bh[g * e_size + e] = kNegInf;
-        continue;
-      }
-      const T* k_row = Row(k, layer_bh, n, d, slot);
-      for (int64_t i = 0; i < d; ++i) row[i] = ToFloat(k_row[i]);
+    const std::vector<T> zero(d);
+    for (int64_t e = start; e < stop; e += kRows) {
+      const T* rows[kRows];
+      const int named = Gather(k, layer_bh, n, d, row_slots, e, stop, zero.data(), rows);
       for (int64_t g = 0; g < g_size; ++g) {
-        // Eight running sums, one per lane: a dot the compiler vectorises without reordering.
-        float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         const float* q_g = q_bh + g * d;
-        int64_t i = 0;
-        for (; i + 8 <= d; i += 8)
-          for (int j = 0; j < 8; ++j) lanes[j] += q_g[i + j] * row[i + j];
-        for (; i < d; ++i) lanes[0] += q_g[i] * row[i];
-        float dot = 0;
-        for (float lane : lanes) dot += lane;
-        out_bh[g * e_size + e] = scale * dot;
+        Floats acc[kRows] = {};
+        float tail[kRows] = {};
+        for (int64_t i = 0; i < full; i += kLanes) {
+          const Floats q_i = Load(q_g + i);
+          for (int64_t r = 0; r < kRows; ++r) acc[r] += q_i * Load(rows[r] + i);
+        }
+        for (int64_t i = full; i < d; ++i)
+          for (int64_t r = 0; r < kRows; ++r) tail[r] += q_g[i] * ToFloat(rows[r][i]);
+        for (int64_t r = 0; r < kRows && e + r < stop; ++r)
+          out_bh[g * e_size + e + r] = named >> r & 1 ? scale * (Sum(acc[r]) + tail[r]) : kNegInf;
       }
     }
   });
@@ -134,49 +206,90 @@ struct Partial {
   std::vector<float> shift, total, acc;  // [G], [G], [G, D]
 };
 
+// A task's logits [G, stop - start] as weights exp(logit - shift[g]) into weights [G, kBlock],
+// 0 where the slot names no row or the logit is -inf; sets shift and total per query.
+void Weights(const float* logits, const int32_t* slots, int64_t start, int64_t stop, int64_t n,
+             int64_t g_size, int64_t m_size, Partial& part, float* weights) {
+  auto named = [&](int64_t e) { return slots[e] >= 0 && slots[e] < n; };
+  const int64_t full = start + (stop - start) / kLanes * kLanes;
+  const Ints none = Ints{} - 1, rows = Ints{} + static_cast<int32_t>(std::min<int64_t>(n, 1 << 30));
+  for (int64_t g = 0; g < g_size; ++g) {
+    const float* logits_g = logits + g * m_size;
+    float* weights_g = weights + g * kBlock - start;
+    Floats shift = Floats{} + kNegInf;
+    for (int64_t e = start; e < full; e += kLanes) {
+      const Ints s = LoadInts(slots + e);
+      shift = Max(shift, (s > none) & (s < rows) ? Load(logits_g + e) : kNegInf);
+    }
+    float shift_g = kNegInf;
+    for (int64_t i = 0; i < kLanes; ++i) shift_g = std::max(shift_g, shift[i]);
+    for (int64_t e = full; e < stop; ++e)
+      if (named(e)) shift_g = std::max(shift_g, logits_g[e]);
+    Floats total = {};
+    for (int64_t e = start; e < full; e += kLanes) {
+      const Ints s = LoadInts(slots + e);
+      const Floats l = Load(logits_g + e);
+      // A -inf logit (or a group with no finite one) weighs nothing.
+      const Floats w = (s > none) & (s < rows) & (l > kNegInf) ? Exp(l - shift_g) : Floats{};
+      Store(weights_g + e, w);
+      total += w;
+    }
+    float total_g = Sum(total);
+    for (int64_t e = full; e < stop; ++e) {
+      const bool counts = named(e) && logits_g[e] > kNegInf;
+      weights_g[e] = counts ? Exp(Floats{} + (logits_g[e] - shift_g))[0] : 0.0f;
+      total_g += weights_g[e];
+    }
+    part.shift[g] = shift_g;
+    part.total[g] = total_g;
+  }
+}
+
 template <typename T>
 void Attention(ffi::ThreadPool& pool, const float* logits, const T* v, const int32_t* slots,
                float* out, float* lse, int64_t layer, int64_t batch, int64_t heads,
                int64_t g_size, int64_t n, int64_t d, int64_t m_size) {
-  const int64_t blocks = (m_size + kBlock - 1) / kBlock;
+  const int64_t blocks = (m_size + kBlock - 1) / kBlock, full = d / kLanes * kLanes;
   std::vector<Partial> partials(batch * heads * blocks);
   ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
     const int64_t bh = task / blocks, start = task % blocks * kBlock;
     const int64_t stop = std::min(start + kBlock, m_size);
     const int64_t layer_bh = layer * batch * heads + bh;
     const int32_t* row_slots = slots + bh * m_size;
-    const float* logits_bh = logits + bh * g_size * m_size;
     Partial& part = partials[task];
     part.shift.assign(g_size, kNegInf);
     part.total.assign(g_size, 0.0f);
     part.acc.assign(g_size * d, 0.0f);
-    for (int64_t e = start; e < stop; ++e) {
-      const int32_t slot = row_slots[e];
-      if (slot < 0 || slot >= n) continue;
-      for (int64_t g = 0; g < g_size; ++g)
-        part.shift[g] = std::max(part.shift[g], logits_bh[g * m_size + e]);
-    }
-    std::vector<float> row(d), weight(g_size);
-    for (int64_t e = start; e < stop; ++e) {
-      if (e + kPrefetch < stop) Prefetch(v, layer_bh, n, d, row_slots[e + kPrefetch]);
-      const int32_t slot = row_slots[e];
-      if (slot < 0 || slot >= n) continue;
+    std::vector<float> weights(g_size * kBlock);  // [G, kBlock]
+    Weights(logits + bh * g_size * m_size, row_slots, start, stop, n, g_size, m_size, part,
+            weights.data());
+    const std::vector<T> zero(d);
+    for (int64_t e = start; e < stop; e += kRows) {
+      const T* rows[kRows];
+      Gather(v, layer_bh, n, d, row_slots, e, stop, zero.data(), rows);
+      const float* w = weights.data() + (e - start);  // w[g * kBlock + r]: 0 past the end
       bool any = false;
-      for (int64_t g = 0; g < g_size; ++g) {
-        const float logit = logits_bh[g * m_size + e];
-        // A -inf logit (or a group with no finite one) weighs nothing.
-        weight[g] = logit == kNegInf ? 0.0f : std::exp(logit - part.shift[g]);
-        part.total[g] += weight[g];
-        any |= weight[g] != 0.0f;
+      for (int64_t r = 0; r < kRows; ++r) {
+        bool weighed = false;
+        for (int64_t g = 0; g < g_size; ++g) weighed |= w[g * kBlock + r] != 0.0f;
+        if (!weighed) rows[r] = zero.data();  // a row no query weighs is not read
+        any |= weighed;
       }
       if (!any) continue;
-      const T* v_row = Row(v, layer_bh, n, d, slot);
-      for (int64_t i = 0; i < d; ++i) row[i] = ToFloat(v_row[i]);
-      for (int64_t g = 0; g < g_size; ++g) {
-        float* acc = part.acc.data() + g * d;
-        const float w = weight[g];
-        for (int64_t i = 0; i < d; ++i) acc[i] += w * row[i];
+      for (int64_t i = 0; i < full; i += kLanes) {
+        Floats row_i[kRows];
+        for (int64_t r = 0; r < kRows; ++r) row_i[r] = Load(rows[r] + i);
+        for (int64_t g = 0; g < g_size; ++g) {
+          float* acc = part.acc.data() + g * d + i;
+          Floats sum = Load(acc);
+          for (int64_t r = 0; r < kRows; ++r) sum += w[g * kBlock + r] * row_i[r];
+          Store(acc, sum);
+        }
       }
+      for (int64_t i = full; i < d; ++i)
+        for (int64_t g = 0; g < g_size; ++g)
+          for (int64_t r = 0; r < kRows; ++r)
+            part.acc[g * d + i] += w[g * kBlock + r] * ToFloat(rows[r][i]);
     }
   });
   // Merge each row's partials in block order: the same sums whatever thread ran which block.

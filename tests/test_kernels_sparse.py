@@ -375,6 +375,20 @@ class TestCpuNative(SeveralBlocks, SparseSuite):
             assert got.dtype == dtype
             np.testing.assert_allclose(as_float64(got), as_float64(xla), rtol=0, atol=atol)
 
+    @pytest.mark.parametrize("head_dim", [1, 20, 47])
+    def test_head_dims_past_the_vector_width(self, head_dim):
+        # The kernels take 16 lanes of a row at a time and the rest one by one; rows four at a
+        # time, lists of any length. Logits spread over [-90, 90]: the vector exp's range
+        # (its zero below -87.3 included), against float64.
+        rng = np.random.default_rng(head_dim)
+        q, k, v = random_inputs(rng, 1, 2, 3, 120, head_dim, jnp.float32)
+        slots = ragged_slots(rng, 1, 2, 120, 61)
+        check_logits(self.logits(q, k, slots, 0.5), q, k, slots, 0.5)
+        logits = attention_logits(rng, slots, 3)
+        spread = jnp.asarray(rng.uniform(-90, 90, logits.shape), jnp.float32)
+        logits = jnp.where(jnp.isneginf(logits), logits, spread)
+        check_attention(self.attention(logits, v, slots), logits, v, slots)
+
     def test_only_the_decode_entries(self):
         # hamming_scores (the first decode path's) has no CPU kernel: one clear error.
         codes = jnp.zeros((1, 1, 8, 4), jnp.uint32)
