@@ -416,21 +416,27 @@ void DistancesAvx512(const uint64_t* q, int64_t g_size, const uint64_t* codes, i
     for (int64_t i = 0; i < 8; ++i) pattern[g * 8 + i] = q[g * W + i % W];
   int64_t slot = 0;
   for (; slot + 16 <= count; slot += 16) {
-    __m512i sums[W];  // [W][16 lanes]: the 16 keys' words, in order
-    for (int64_t v = 0; v < W; ++v) {
-      __m512i half[2];
-      for (int64_t h = 0; h < 2; ++h) {
-        const __m512i key = _mm512_loadu_si512(codes + (slot * W) + (2 * v + h) * 8);
-        half[h] = _mm512_setzero_si512();
-        for (int64_t g = 0; g < g_size; ++g) {
-          const __m512i query = _mm512_loadu_si512(pattern.data() + g * 8);
-          half[h] = _mm512_add_epi64(half[h], _mm512_popcnt_epi64(_mm512_xor_si512(query, key)));
-        }
-      }
-      // Popcount sums fit 32 bits: the low halves of both vectors' 64-bit lanes, in order.
-      sums[v] = _mm512_permutex2var_epi32(half[0], EvenLanes(), half[1]);
+    // 2W vectors of eight words (the 16 keys' words, in order), each word's popcount summed over
+    // the queries: constant indices only, so that all of it stays in registers.
+    __m512i keys[2 * W], sums[2 * W];
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < 2 * W; ++j) {
+      keys[j] = _mm512_loadu_si512(codes + slot * W + j * 8);
+      sums[j] = _mm512_setzero_si512();
     }
+    for (int64_t g = 0; g < g_size; ++g) {
+      const __m512i query = _mm512_loadu_si512(pattern.data() + g * 8);
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < 2 * W; ++j)
+        sums[j] = _mm512_add_epi64(sums[j], _mm512_popcnt_epi64(_mm512_xor_si512(query, keys[j])));
+    }
+    // Popcount sums fit 32 bits: the low halves of each pair of vectors' 64-bit lanes, in order.
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < W; ++v)
+      sums[v] = _mm512_permutex2var_epi32(sums[2 * v], EvenLanes(), sums[2 * v + 1]);
+#pragma GCC unroll 4
     for (int64_t width = W; width > 1; width /= 2)
+#pragma GCC unroll 4
       for (int64_t i = 0; i < width / 2; ++i) sums[i] = AddPairs(sums[2 * i], sums[2 * i + 1]);
     _mm512_storeu_si512(out + slot, sums[0]);
   }
