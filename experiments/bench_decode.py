@@ -378,9 +378,11 @@ def dense_chunk_times(n: int, chunks: list[int], args) -> dict:
 def profile_step(n: int, args, top: int = 20) -> dict:
     """The XLA ops DASH-KV's step over `args.layers` layers spends its time in at n tokens, from
     a `jax.profiler` trace of `args.repeats` steps: ms per layer and runs per layer of each op
-    (a conditional's time includes the ops it runs; names are the compiled HLO's)."""
+    (a conditional's time includes the ops it runs; names are the compiled HLO's, a custom
+    call's with the kernel it calls)."""
     import collections
     import gzip
+    import re
     import tempfile
 
     dashkv = every_layer_dashkv(n, args)
@@ -388,6 +390,8 @@ def profile_step(n: int, args, top: int = 20) -> dict:
     step = attention_step(dashkv, args.layers, args.cache_layers)
     cache = synthetic_cache(dashkv, n, args.cache_layers)
     _, cache = median_ms(step, cache, (q, kv), 1)  # compiled and warm
+    hlo = step.lower(cache, q, kv).compile().as_text()
+    kernels = dict(re.findall(r'%?(\S+) = .*custom-call\(.*custom_call_target="(\w+)"', hlo))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(args.repeats):
@@ -405,7 +409,11 @@ def profile_step(n: int, args, top: int = 20) -> dict:
             runs[name] += 1
     per_layer = args.repeats * args.layers
     ops = [
-        {"op": name, "ms_per_layer": us / 1e3 / per_layer, "runs_per_layer": runs[name] / per_layer}
+        {
+            "op": f"{name} ({kernels[name]})" if name in kernels else name,
+            "ms_per_layer": us / 1e3 / per_layer,
+            "runs_per_layer": runs[name] / per_layer,
+        }
         for name, us in time_us.most_common(top)
     ]
     return {"n": n, "layers": args.layers, "steps": args.repeats, "ops": ops}
