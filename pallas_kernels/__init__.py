@@ -19,7 +19,9 @@ Sparse attention over the rows a slot list names (DESIGN.md section 3.4), the ga
 the kernel (no [B, Hkv, K, D] copy of the rows in memory):
   `gathered_logits`    scale * q_g . k_cache[slot] per slot (the exact tokens: K rows read);
   `gathered_attention` softmax over a list's logits (exact and approximate) times the V rows
-                       read by slot, and the logsumexp (weights = exp(logit - lse)).
+                       read by slot, and the logsumexp (weights = exp(logit - lse));
+  `code_logits`        tier 2's approximate logits from the codes read by slot: the hash
+                       similarity scaled plus the residual MLP of the per-group agreement.
 Slots outside [0, N), -1 by convention, are unused wherever they sit in a list. With `layer=`,
 a stacked cache [L, B, Hkv, N, D] is read in place (no copy of the layer).
 
@@ -35,6 +37,7 @@ from pallas_kernels.api import (
     asymmetric_scores,
     available_implementations,
     calibrate_distances,
+    code_logits,
     distance_histogram,
     gathered_attention,
     gathered_logits,
@@ -51,6 +54,7 @@ from pallas_kernels.common import ASYMMETRIC_SENTINEL, DISTANCE_SENTINEL, HAMMIN
 from pallas_kernels.packing import pack_bits, unpack_bits
 from pallas_kernels.reference import (
     asymmetric_scores_reference,
+    code_logits_reference,
     gathered_attention_reference,
     gathered_logits_reference,
     hamming_histogram_reference,
@@ -70,6 +74,8 @@ __all__ = [
     "asymmetric_scores_reference",
     "available_implementations",
     "calibrate_distances",
+    "code_logits",
+    "code_logits_reference",
     "distance_histogram",
     "gathered_attention",
     "gathered_attention_reference",

@@ -31,6 +31,9 @@ kernel, so no [B, Hkv, K, D] copy of the rows is written to memory):
   gathered_logits     scale * q_g . k_cache[slot] for a list of slots (tier 1, sinks, window).
   gathered_attention  softmax(logits) @ v_cache[slot] and the logsumexp, for a list of slots
                       and their logits (exact and approximate); flash-decoding on the kernels.
+  code_logits         the approximate logits of tier 2 from the codes the slots name: the hash
+                      similarity scaled, plus the residual MLP of each group's agreement (the
+                      CPU kernel, or XLA elsewhere).
 Slots outside [0, N) (-1 by convention, anywhere in a list) are unused. A stacked cache
 [L, B, Hkv, N, D] with `layer=` is read in place: `cache[layer]` would be a copy of the whole
 layer before any kernel or gather reads it. Both have all six implementations; None picks xla
@@ -67,6 +70,7 @@ NATIVE_ENTRIES = (
     "select_ranks",
     "gathered_logits",
     "gathered_attention",
+    "code_logits",
 )
 _HAMMING = {
     "xla": reference.hamming_scores_reference,
@@ -486,3 +490,44 @@ def gathered_attention(
         return out, jnp.full((batch, kv_heads, g_size), -jnp.inf, jnp.float32)
     implementation = _resolve_sparse(implementation, v_cache.shape[-1])
     return _GATHERED_ATTENTION[implementation](logits, v_cache, slots, layer=layer)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "implementation"))
+def code_logits(
+    q_codes: jax.Array,
+    k_codes: jax.Array,
+    slots: jax.Array,
+    scale: jax.Array,
+    mlp: tuple | None = None,
+    *,
+    groups: int,
+    layer: jax.Array | int | None = None,
+    implementation: Implementation | None = None,
+) -> jax.Array:
+    """Approximate logits from the codes a slot list names (DASH-KV's tier 2), read by index.
+
+    Args:
+      q_codes: [B, Hkv, G, W] uint32: the G query heads sharing each KV head, b = 32 W bits.
+      k_codes: [B, Hkv, N, W] uint32; with `layer`, a stack [L, B, Hkv, N, W].
+      slots: [B, Hkv, K] int32: code rows; entries outside [0, N) are unused.
+      scale: [Hkv, G] float32: each query head's weight on the hash similarity.
+      mlp: None, or float32 (w1 [groups, H], b1 [H], w2 [H], b2 []): the residual MLP.
+      groups: static: the b bits split into this many equal groups, tiling 32-bit words.
+      layer: None, or an int / int32 scalar (may be traced), clipped to [0, L).
+      implementation: see the module docstring; the CPU kernel ("cpu") or XLA elsewhere.
+
+    Returns:
+      [B, Hkv, G, K] float32: scale[h, g] s + w2 . gelu(x w1 + b1) + b2 with s = 1 - 2
+      popcount(q_g XOR k) / b and x_j = 2 (group j's share of equal bits) - 1 (no MLP: 0);
+      gelu in jax.nn.gelu's tanh form; -inf at unused entries.
+    """
+    common.check_code_logits_inputs(q_codes, k_codes, slots, scale, mlp, groups, layer)
+    if slots.shape[2] == 0:
+        return jnp.zeros((*q_codes.shape[:3], 0), jnp.float32)
+    if resolve_implementation(implementation, q_codes.shape[3], native=True) == "cpu":
+        return cpu_native.code_logits_cpu(
+            q_codes, k_codes, slots, scale, mlp, groups=groups, layer=layer
+        )
+    return reference.code_logits_reference(
+        q_codes, k_codes, slots, scale, mlp, groups=groups, layer=layer
+    )

@@ -329,3 +329,50 @@ def normalise(acc: jax.Array, shift: jax.Array, total: jax.Array) -> tuple[jax.A
     slot): acc [..., D], shift (finite) and total [...]."""
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]
     return out, shift + jnp.log(total)
+
+
+def check_code_logits_inputs(
+    q_codes: jax.Array,
+    k_codes: jax.Array,
+    slots: jax.Array,
+    scale: jax.Array,
+    mlp: tuple | None,
+    groups: int,
+    layer=None,
+) -> None:
+    """Raises ValueError unless q_codes [B, Hkv, G, W] and k_codes [B, Hkv, N, W] (with `layer`:
+    a stack [L, B, Hkv, N, W]) are uint32, slots [B, Hkv, K] int32, scale [Hkv, G] float32,
+    groups splits the 32 W bits into groups that tile 32-bit words, and mlp is None or float32
+    (w1 [groups, H], b1 [H], w2 [H], b2 [])."""
+    k_codes = _one_layer("k_codes", k_codes, layer)
+    shapes = f"{q_codes.shape=} {k_codes.shape=}"
+    if q_codes.dtype != jnp.uint32 or k_codes.dtype != jnp.uint32:
+        raise ValueError(f"codes must be uint32, got {q_codes.dtype=} {k_codes.dtype=}")
+    if q_codes.ndim != 4 or k_codes.ndim != 4 or 0 in q_codes.shape:
+        raise ValueError(f"want q_codes [B, Hkv, G, W] and k_codes [B, Hkv, N, W], got {shapes}")
+    if q_codes.shape[:2] != k_codes.shape[:2] or q_codes.shape[3] != k_codes.shape[3]:
+        raise ValueError(f"q_codes [B, Hkv, G, W] and k_codes [B, Hkv, N, W] disagree: {shapes}")
+    _check_slots(slots, k_codes, "K")
+    if scale.dtype != jnp.float32 or scale.shape != q_codes.shape[1:3]:
+        raise ValueError(f"scale must be float32 [Hkv, G], got {scale.dtype=} {scale.shape=}")
+    bits = 32 * q_codes.shape[3]
+    group_bits = bits // groups if isinstance(groups, int) and groups > 0 else 0
+    if not group_bits or bits % groups or (32 % group_bits and group_bits % 32):
+        raise ValueError(
+            f"groups must split {bits} bits into groups that tile 32-bit words, got {groups=}"
+        )
+    if mlp is None:
+        return
+    want = ((groups, None), (None,), (None,), ())
+    hidden = mlp[0].shape[1] if len(mlp) == 4 and mlp[0].ndim == 2 else None
+    got = tuple(tuple(jnp.shape(w)) for w in mlp)
+    if (
+        hidden is None
+        or hidden < 1
+        or got != tuple(tuple(hidden if d is None else d for d in shape) for shape in want)
+        or any(jnp.result_type(w) != jnp.float32 for w in mlp)
+    ):
+        raise ValueError(
+            f"mlp must be float32 (w1 [groups={groups}, H], b1 [H], w2 [H], b2 []), got shapes "
+            f"{got} and dtypes {tuple(str(jnp.result_type(w)) for w in mlp)}"
+        )

@@ -4,7 +4,8 @@
 //              moved slots), select_ranks and select_tiers (two passes per row);
 //   attention  gathered_logits and gathered_attention: the rows a slot list names are read in
 //              place, by index, and used while in cache. XLA:CPU's own gather moves one element
-//              at a time (about 1 ns each), several times the cost of the bytes (RESULTS.md).
+//              at a time (about 1 ns each), several times the cost of the bytes (RESULTS.md);
+//              code_logits: tier 2's logits from the codes read the same way, 16 slots a step.
 //
 // Same contracts as pallas_kernels/api.py's entries; caches and codes come as stacks
 // [L, B, Hkv, N, ...] with an int32 layer, already clipped. Work is split into (batch, KV head,
@@ -316,6 +317,107 @@ void Attention(ffi::ThreadPool& pool, const float* logits, const T* v, const int
       lse[bh * g_size + g] = shift + std::log(total);
     }
   }
+}
+
+// --- code_logits: tier 2's approximate logits from the codes a slot list names ---------------
+//   out[b, h, g, e] = scale[h, g] (1 - 2 popcount(q_g XOR k) / bits) + w2 . gelu(x w1 + b1) + b2,
+//   k = codes[layer, b, h, slots[b, h, e]], x_j = 2 (share of equal bits in group j) - 1.
+
+// jax.nn.gelu's tanh form, 0.5 x (1 + tanh(z)) with z = sqrt(2 / pi) (x + 0.044715 x^3), as
+// x / (1 + e^-2z) (the same function: one exp and one division).
+inline Floats Gelu(Floats x) {
+  Floats minus_2z = -1.5957691216057308f * (x + 0.044715f * x * x * x);
+  minus_2z = minus_2z > 80.0f ? Floats{} + 80.0f : minus_2z;  // e^80 + 1 still finite: gelu -> 0
+  return x / (1.0f + Exp(minus_2z));
+}
+
+// The MLP, widths [groups, hidden, 1]: w1 [groups, hidden], b1 [hidden], w2 [hidden], b2 [1].
+struct CodeMlp {
+  const float *w1, *b1, *w2, *b2;
+  int64_t groups, hidden;
+};
+
+typedef uint32_t Words __attribute__((vector_size(64)));  // 16 lanes
+
+// Per lane, the set bits of each `width`-bit field of x (width a power of two <= 32), in place:
+// the SWAR popcount's stages, stopped at the field width.
+inline Words FieldCounts(Words x, int64_t width) {
+  if (width >= 2) x = x - ((x >> 1) & 0x55555555u);
+  if (width >= 4) x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  if (width >= 8) x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+  if (width >= 16) x = (x + (x >> 8)) & 0x00FF00FFu;
+  if (width >= 32) x = (x + (x >> 16)) & 0x0000FFFFu;
+  return x;
+}
+
+constexpr int64_t kCodesAhead = 64;  // slots whose codes are asked for ahead: rows of 16 bytes
+
+void CodeLogits(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* codes,
+                const int32_t* slots, const float* scale, const CodeMlp& mlp, float* out,
+                int64_t layer, int64_t batch, int64_t heads, int64_t g_size, int64_t n,
+                int64_t words, int64_t e_size) {
+  const int64_t blocks = (e_size + kBlock - 1) / kBlock, bits = 32 * words;
+  const int64_t group_bits = bits / mlp.groups, width = std::min<int64_t>(group_bits, 32);
+  const uint32_t field_mask = width == 32 ? ~0u : (1u << width) - 1;
+  ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
+    const int64_t bh = task / blocks, h = bh % heads, start = task % blocks * kBlock;
+    const int64_t stop = std::min(start + kBlock, e_size);
+    const uint32_t* codes_bh = codes + (layer * batch * heads + bh) * n * words;
+    const int32_t* row_slots = slots + bh * e_size;
+    // Sixteen slots at a time, one lane each: their codes [W][16], each query's per-group
+    // equal-bit counts [groups][16], then the MLP, all in 16-lane vectors.
+    std::vector<uint32_t> lanes_codes(words * kLanes);
+    std::vector<Floats> x(mlp.groups);
+    for (int64_t e = start; e < stop; e += kLanes) {
+      const int64_t lanes = std::min(kLanes, stop - e);
+      const int64_t ahead_stop = std::min(e + kCodesAhead + kLanes, stop);
+      for (int64_t ahead = e + kCodesAhead; ahead < ahead_stop; ++ahead)
+        Prefetch(codes_bh, 0, n, words, row_slots[ahead]);
+      for (int64_t lane = 0; lane < kLanes; ++lane) {  // unused lanes: code 0, output -inf
+        const int32_t slot = lane < lanes ? row_slots[e + lane] : -1;
+        const bool named = slot >= 0 && slot < n;
+        for (int64_t w = 0; w < words; ++w)
+          lanes_codes[w * kLanes + lane] = named ? codes_bh[int64_t{slot} * words + w] : 0;
+      }
+      for (int64_t g = 0; g < g_size; ++g) {
+        const uint32_t* q_g = q + (bh * g_size + g) * words;
+        std::fill(x.begin(), x.end(), Floats{});
+        for (int64_t w = 0; w < words; ++w) {
+          Words k;
+          std::memcpy(&k, &lanes_codes[w * kLanes], sizeof(k));
+          const Words counts = FieldCounts(~(q_g[w] ^ k), width);
+          for (int64_t f = 0; f < std::max<int64_t>(32 / width, 1); ++f)  // fields of word w
+            x[(w * 32 + f * width) / group_bits] +=
+                __builtin_convertvector((counts >> (f * width)) & field_mask, Floats);
+        }
+        Floats equal = {};  // equal bits over all groups: b - the hamming distance
+        for (int64_t j = 0; j < mlp.groups; ++j) {
+          equal += x[j];
+          x[j] = 2.0f * x[j] / static_cast<float>(group_bits) - 1.0f;  // in [-1, 1]
+        }
+        const Floats differ = static_cast<float>(bits) - equal;
+        const Floats similarity = 1.0f - 2.0f * differ / static_cast<float>(bits);
+        // Hidden units four at a time: four independent chains of multiply-adds.
+        Floats residual = Floats{} + mlp.b2[0];
+        for (int64_t o = 0; o < mlp.hidden; o += 4) {
+          const int64_t units = std::min<int64_t>(4, mlp.hidden - o);
+          Floats hidden[4];
+          for (int64_t u = 0; u < 4; ++u) hidden[u] = Floats{} + (u < units ? mlp.b1[o + u] : 0);
+          for (int64_t j = 0; j < mlp.groups; ++j) {
+            const float* w = mlp.w1 + j * mlp.hidden + o;
+            for (int64_t u = 0; u < 4; ++u) hidden[u] += (u < units ? w[u] : 0.0f) * x[j];
+          }
+          for (int64_t u = 0; u < units; ++u) residual += mlp.w2[o + u] * Gelu(hidden[u]);
+        }
+        const Floats logit = scale[h * g_size + g] * similarity + residual;
+        float* out_g = out + (bh * g_size + g) * e_size + e;
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+          const int32_t slot = row_slots[e + lane];
+          out_g[lane] = slot >= 0 && slot < n ? logit[lane] : kNegInf;
+        }
+      }
+    }
+  });
 }
 
 // --- hamming_histogram: D = sum_g popcount(q_g XOR k) over [lo, hi), and its histogram ------
@@ -825,6 +927,24 @@ ffi::Error GatheredAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> log
   return ffi::Error::Success();
 }
 
+ffi::Error CodeLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> q,
+                          ffi::Buffer<ffi::U32> codes, ffi::Buffer<ffi::S32> slots,
+                          ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> scale,
+                          ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> b1,
+                          ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  if (codes.dimensions().size() != 5)
+    return ffi::Error::InvalidArgument("codes: want [L, B, Hkv, N, W]");
+  auto dims = codes.dimensions();
+  const int64_t g_size = q.dimensions()[2], e_size = slots.dimensions()[2];
+  const CodeMlp mlp{w1.typed_data(), b1.typed_data(), w2.typed_data(), b2.typed_data(),
+                    w1.dimensions()[0], w1.dimensions()[1]};
+  CodeLogits(pool, q.typed_data(), codes.typed_data(), slots.typed_data(), scale.typed_data(),
+             mlp, out->typed_data(), layer.typed_data()[0], dims[1], dims[2], g_size, dims[3],
+             dims[4], e_size);
+  return ffi::Error::Success();
+}
+
 ffi::Error HammingHistogramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> q,
                                 ffi::Buffer<ffi::U32> k, ffi::Buffer<ffi::S32> lo,
                                 ffi::Buffer<ffi::S32> hi, ffi::Buffer<ffi::S32> layer,
@@ -944,3 +1064,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvGatheredAttention, GatheredAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
                                   .Ret<ffi::Buffer<ffi::F32>>()    // out [B, Hkv, G, D]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, Hkv, G]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DashkvCodeLogits, CodeLogitsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // q codes [B, Hkv, G, W]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // codes [L, B, Hkv, N, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots [B, Hkv, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [Hkv, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1 [groups, hidden]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1 [hidden]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2 [hidden]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2 [1]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [B, Hkv, G, K]

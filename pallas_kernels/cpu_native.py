@@ -1,5 +1,5 @@
-"""The CPU kernels: DASH-KV's selection and sparse attention as native XLA FFI custom calls
-(`cpu_native.cc`), with the contracts of `api.py`'s entries of the same names.
+"""The CPU kernels: DASH-KV's selection, sparse attention and tier-2 logits as native XLA FFI
+custom calls (`cpu_native.cc`), with the contracts of `api.py`'s entries of the same names.
 
 XLA:CPU gathers one element at a time and runs scatters and prefix scans serially, so on the
 CPU the XLA reference spends most of a long context's decode step copying the rows it selected
@@ -29,6 +29,7 @@ _TARGETS = {
     "dashkv_select_ranges": "DashkvSelectRanges",
     "dashkv_gathered_logits": "DashkvGatheredLogits",
     "dashkv_gathered_attention": "DashkvGatheredAttention",
+    "dashkv_code_logits": "DashkvCodeLogits",
 }
 
 
@@ -156,3 +157,16 @@ def gathered_attention_cpu(logits, v_cache, slots, *, layer=None) -> tuple[jax.A
     )
     call = jax.ffi.ffi_call("dashkv_gathered_attention", outs, vmap_method="sequential")
     return tuple(call(logits, v_cache, slots, layer))
+
+
+def code_logits_cpu(q_codes, k_codes, slots, scale, mlp, *, groups: int, layer=None) -> jax.Array:
+    """`api.code_logits` as one custom call: [B, Hkv, G, K] float32, -inf at unused slots. No
+    MLP is one hidden unit of zero weight (a residual of exactly 0)."""
+    _require()
+    k_codes, layer = common.stacked_cache(k_codes, layer)
+    if mlp is None:
+        mlp = (jnp.zeros((groups, 1)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(()))
+    w1, b1, w2, b2 = (jnp.asarray(w, jnp.float32) for w in mlp)
+    out = jax.ShapeDtypeStruct((*q_codes.shape[:3], slots.shape[2]), jnp.float32)
+    call = jax.ffi.ffi_call("dashkv_code_logits", out, vmap_method="sequential")
+    return call(q_codes, k_codes, slots, layer, scale, w1, b1, w2, b2.reshape(1))

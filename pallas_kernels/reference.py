@@ -610,3 +610,63 @@ def gathered_attention_reference(
             _padded_tail(weights, start, ROW_GROUP, 0.0), _padded_tail(safe, start, ROW_GROUP, 0)
         )
     return common.normalise(acc, shift, total)
+
+
+# --- Approximate logits from the codes (DASH-KV's tier 2) ---------------------------------------
+
+
+def group_agreement(q_codes: jax.Array, k_codes: jax.Array, groups: int) -> jax.Array:
+    """Each group's share of equal bits between packed codes: q [..., W], k [..., W] (they
+    broadcast) -> [..., groups] float32 in [0, 1]; group i holds bits [i b/groups, (i+1)
+    b/groups)."""
+    same = ~(q_codes ^ k_codes)  # [..., W] uint32: 1 where the bits agree
+    words = same.shape[-1]
+    group_bits = words * 32 // groups
+    if group_bits >= 32:  # whole words per group
+        counts = _popcount(same).reshape(*same.shape[:-1], groups, -1).sum(-1)
+    else:
+        per_word = 32 // group_bits
+        shifts = jnp.arange(per_word, dtype=jnp.uint32) * group_bits
+        mask = jnp.uint32((1 << group_bits) - 1)
+        counts = _popcount((same[..., None] >> shifts) & mask)  # [..., W, per_word]
+        counts = counts.reshape(*same.shape[:-1], groups)
+    return counts.astype(jnp.float32) / group_bits
+
+
+def _popcount(x: jax.Array) -> jax.Array:
+    return lax.population_count(x).astype(jnp.int32)
+
+
+def code_logits_reference(
+    q_codes: jax.Array,  # [B, Hkv, G, W] uint32
+    k_codes: jax.Array,  # [B, Hkv, N, W] uint32; with `layer`, a stack [L, B, Hkv, N, W]
+    slots: jax.Array,  # [B, Hkv, K] int32
+    scale: jax.Array,  # [Hkv, G] float32
+    mlp: tuple | None,  # (w1 [groups, H], b1 [H], w2 [H], b2 []) float32, or None
+    *,
+    groups: int,
+    layer: jax.Array | int | None = None,
+) -> jax.Array:  # [B, Hkv, G, K] float32
+    """scale (1 - 2 hamming / b) + mlp(2 agreement - 1) of the codes the slots name; -inf where
+    a slot names no row. The MLP is written as multiply-adds of scalar weights over one array
+    per feature: XLA:CPU fuses that into one loop, where dots over a minor axis of a few
+    features cost transposes."""
+    k_codes, layer = common.stacked_cache(k_codes, layer)
+    batch, kv_heads, _, words = q_codes.shape
+    valid = valid_rows(slots, k_codes.shape[3])
+    rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None]
+    codes = k_codes[layer, rows, heads, jnp.where(valid, slots, 0)]  # [B, Hkv, K, W]
+    pair = (q_codes[:, :, :, None, :], codes[:, :, None, :, :])  # [B, Hkv, G, K, W]
+    bits = 32 * words
+    similarity = 1.0 - 2.0 * _popcount(pair[0] ^ pair[1]).sum(-1) / bits  # [B, Hkv, G, K]
+    logits = scale[None, :, :, None] * similarity
+    if mlp is not None:
+        w1, b1, w2, b2 = mlp
+        x = 2.0 * group_agreement(*pair, groups) - 1.0  # [B, Hkv, G, K, groups] in [-1, 1]
+        features = [x[..., j] for j in range(groups)]
+        hidden = [
+            jax.nn.gelu(b1[o] + sum(w1[j, o] * f for j, f in enumerate(features)))
+            for o in range(w1.shape[1])
+        ]
+        logits = logits + (b2 + sum(w2[o] * h for o, h in enumerate(hidden)))
+    return jnp.where(valid[:, :, None], logits, -jnp.inf)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import pallas_kernels as pk
 from dashkv_jax.errors import DashKVError
 from dashkv_jax.hashing.artifact import (
     DEFAULT_HASHER,
@@ -22,7 +23,6 @@ from dashkv_jax.hashing.encoders import (
     Hasher,
     HasherConfig,
     fit_input_stats,
-    group_agreement,
     signs,
     simhash,
     soft_agreement,
@@ -30,6 +30,7 @@ from dashkv_jax.hashing.encoders import (
 from dashkv_jax.hashing.retrieval import group_distances
 from dashkv_jax.models.config import ModelConfig
 from pallas_kernels.packing import pack_bits
+from pallas_kernels.reference import group_agreement
 
 LAYERS, HQ, HKV, D = 3, 6, 2, 16  # G = 3 query heads per KV head
 
@@ -137,14 +138,35 @@ def test_tier2_logits_are_the_scaled_similarity_plus_a_residual():
     assert np.all(np.asarray(base.discounts()[0]) < 1e-6)
 
 
-def test_pointwise_residual_is_the_same_map_as_the_batched_one():
-    hasher = Hasher(_config(), rngs=nnx.Rngs(7))
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_decoding_computes_the_tier2_map_from_the_codes(implementation):
+    # pallas_kernels.code_logits with the hasher's weights of a layer: the hasher's own map of
+    # the codes' similarity and per-group agreement, at every slot named; -inf where none is.
+    hasher = Hasher(_config(), rngs=nnx.Rngs(7))  # 64 bits: 16 groups of 4
     last = hasher.residual.maps[1]
     last.w[...] = jax.random.normal(jax.random.key(7), last.w[...].shape)  # not the tiny init
-    x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (2, HQ, 5, 16)), jnp.float32)
-    batched = hasher.residual(x[..., None, :], 1)[..., 0, 0]  # [2, Hq, 5]
-    np.testing.assert_allclose(hasher.residual.pointwise(x, 1), batched, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(hasher.residual.pointwise(x, 0), batched)  # its own layer's weights
+    rng = np.random.default_rng(7)
+    g, k = HQ // HKV, 21
+    q_codes = jnp.asarray(rng.integers(0, 2**32, (1, HKV, g, 2), dtype=np.uint32))
+    k_codes = jnp.asarray(rng.integers(0, 2**32, (LAYERS, 1, HKV, 40, 2), dtype=np.uint32))
+    slots = jnp.asarray(rng.integers(-1, 40, (1, HKV, k)), jnp.int32)
+    scale, mlp = hasher.code_logit_weights(1)
+    got = pk.code_logits(
+        q_codes, k_codes, slots, scale.reshape(HKV, g), mlp, groups=16, layer=1,
+        implementation=implementation,
+    )[0]  # fmt: skip
+    codes = k_codes[1, 0][np.arange(HKV)[:, None], np.maximum(slots[0], 0)]  # [Hkv, K, W]
+    pair = (q_codes[0][:, :, None], codes[:, None])  # [Hkv, G, K, W]
+    similarity = (1.0 - 2.0 * jax.lax.population_count(pair[0] ^ pair[1]).sum(-1) / 64).reshape(
+        HQ, k
+    )
+    agreement = group_agreement(*pair, 16).reshape(HQ, k, 16)
+    want = hasher.approx_logits(similarity, agreement, 1).reshape(HKV, g, k)
+    named = np.broadcast_to(np.asarray(slots[0, :, None] >= 0), want.shape)
+    np.testing.assert_array_equal(np.isneginf(got), ~named)
+    np.testing.assert_allclose(got[named], want[named], rtol=1e-5, atol=1e-5)
+    scaled = (scale[:, None] * similarity).reshape(HKV, g, k)
+    assert np.abs(got[named] - scaled[named]).mean() > 0.1  # the residual MLP takes part
 
 
 def test_symmetric_queries_use_their_kv_heads_encoder():

@@ -594,3 +594,56 @@ def test_shard_map(mesh, sharding_inputs, implementation):
         np.testing.assert_allclose(got_part, want, rtol=1e-6, atol=1e-6)
     check_logits(got[0], q, k, exact, 0.25)
     check_attention(got[1:], logits, v, slots)
+
+
+class TestCodeLogits:
+    """`code_logits` (tier 2's logits from the codes): the CPU kernel against the XLA reference,
+    which test_hashing ties to the hasher's own map, over the group widths configs allow."""
+
+    @staticmethod
+    def inputs(rng, words, groups, hidden):
+        q_codes = jnp.asarray(rng.integers(0, 2**32, (2, 2, 3, words), dtype=np.uint32))
+        k_codes = jnp.asarray(rng.integers(0, 2**32, (3, 2, 2, 90, words), dtype=np.uint32))
+        slots = ragged_slots(rng, 2, 2, 90, 75)  # -1 and N among them; not a multiple of 16
+        scale = jnp.asarray(rng.uniform(0, 8, (2, 3)), jnp.float32)
+        mlp = None
+        if hidden:
+            mlp = tuple(
+                jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                for shape in ((groups, hidden), (hidden,), (hidden,), ())
+            )
+        return q_codes, k_codes, slots, scale, mlp
+
+    @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are the CPU's")
+    @pytest.mark.parametrize(
+        "words,groups,hidden",
+        [(4, 16, 16), (2, 16, 5), (2, 2, 3), (4, 2, 4), (1, 32, 1), (4, 16, 0)],
+        ids=["128b-8bit-groups", "64b-4bit", "64b-word-groups", "128b-two-word-groups",
+             "32b-1bit", "no-mlp"],
+    )  # fmt: skip
+    def test_cpu_matches_the_reference(self, words, groups, hidden):
+        q_codes, k_codes, slots, scale, mlp = self.inputs(
+            np.random.default_rng(words * groups + hidden), words, groups, hidden
+        )
+        got, want = (
+            pk.code_logits(
+                q_codes, k_codes, slots, scale, mlp, groups=groups, layer=jnp.int32(2),
+                implementation=implementation,
+            )
+            for implementation in ("cpu", "xla")
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+        assert np.isneginf(want).any() and not np.isneginf(want).all()
+        finite = ~np.isneginf(want)
+        np.testing.assert_allclose(np.asarray(got)[finite], np.asarray(want)[finite], atol=2e-5)
+
+    def test_bad_input(self):
+        q_codes, k_codes, slots, scale, mlp = self.inputs(np.random.default_rng(0), 4, 16, 4)
+        with pytest.raises(ValueError, match="groups must split 128 bits"):
+            pk.code_logits(q_codes, k_codes, slots, scale, mlp, groups=12, layer=0)
+        with pytest.raises(ValueError, match="scale must be float32"):
+            pk.code_logits(q_codes, k_codes, slots, scale[0], mlp, groups=16, layer=0)
+        with pytest.raises(ValueError, match=r"mlp must be float32 \(w1 \[groups=16"):
+            pk.code_logits(q_codes, k_codes, slots, scale, mlp[:3], groups=16, layer=0)
+        with pytest.raises(ValueError, match="codes must be uint32"):
+            pk.code_logits(q_codes.astype(jnp.int32), k_codes, slots, scale, mlp, groups=16)

@@ -17,8 +17,9 @@ Per DASH-KV layer (all but the sandwich's first and last ones), KV head and deco
    cumulative histogram, slots compacted into fixed-size lists: tier 1, the `budget - S - R`
    closest, attends exactly (K and V read); tier 2, the next `tier2`, enters the same softmax
    with an approximate logit from the codes (`Hasher.approx_logits`: the hash inner product
-   scaled, plus the residual MLP) and its V read in full; the rest is masked for this step,
-   not evicted. Sinks and the recent window are always exact.
+   scaled, plus the residual MLP; computed from the codes by `pallas_kernels.code_logits`) and
+   its V read in full; the rest is masked for this step, not evicted. Sinks and the recent
+   window are always exact.
 
 The approximate logits are fixed up to a constant per query (the softmax, and the KL loss that
 trains them, cannot see one); each step anchors them on tokens whose exact logits it has, the
@@ -40,10 +41,9 @@ from dashkv_jax.attention.sparse import (
     SparseAttention,
     SparseCache,
     fixed_slots,
-    gather_rows,
     middle_bounds,
 )
-from dashkv_jax.hashing.encoders import Hasher, group_agreement, popcount
+from dashkv_jax.hashing.encoders import Hasher
 from pallas_kernels.reference import unfused
 
 Array = jax.Array
@@ -356,20 +356,17 @@ class HashedAttention(SparseAttention):
 
     def approx_logits(self, cache, layer, query: Array, slots: Array) -> Array:
         """Tier-2 logits of the codes at slots [B, Hkv, K] for the encoded query [B, Hkv, G, W],
-        before anchoring -> [B, Hkv, G, K]."""
-        c = self.hasher.config
-        codes = gather_rows(cache.codes, layer, jnp.maximum(slots, 0))  # [B, Hkv, K, W]
+        before anchoring -> [B, Hkv, G, K], -inf where a slot names no row."""
         q_codes = query if self.scoring == "hamming" else pallas_kernels.pack_bits(query)
-        pair = (q_codes[:, :, :, None, :], codes[:, :, None, :, :])  # [B, Hkv, G, K, W]
-        similarity = 1.0 - 2.0 * popcount(pair[0] ^ pair[1]).sum(-1) / c.bits  # [B, Hkv, G, K]
-        agreement = group_agreement(*pair, c.residual_groups)  # [B, Hkv, G, K, groups]
-        if not self.residual:
-            agreement = jnp.full_like(agreement, 0.5)  # the residual of "no information"
-        b, hkv, g, k = similarity.shape
-        logits = self.hasher.approx_logits(
-            similarity.reshape(b, hkv * g, k), agreement.reshape(b, hkv * g, k, -1), layer
-        )
-        return logits.reshape(b, hkv, g, k)
+        b, hkv, g, _ = q_codes.shape
+        scale, mlp = self.hasher.code_logit_weights(layer)
+        if mlp is not None and not self.residual:  # every pair's input x = 0: "no information"
+            mlp = (jnp.zeros_like(mlp[0]), *mlp[1:])
+        return pallas_kernels.code_logits(
+            q_codes, cache.codes, slots, scale.reshape(hkv, g), mlp,
+            groups=self.hasher.config.residual_groups, layer=layer,
+            implementation=self.implementation,
+        )  # fmt: skip
 
 
 def anchor_sums(at_anchors: Array, exact: Array, ok: Array) -> dict:

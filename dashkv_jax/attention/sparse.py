@@ -75,15 +75,6 @@ def topk_in_middle(scores: Array, lo: Array, hi: Array, k: int) -> tuple[Array, 
     return indices.astype(jnp.int32), values > -jnp.inf
 
 
-def gather_rows(x: Array, layer: Array, indices: Array) -> Array:
-    """Rows of one layer of a stacked cache: x [L, B, Hkv, S, D], indices [B, Hkv, K] ->
-    [B, Hkv, K, D]. One gather on the stacked array: XLA:CPU copies a layer sliced out of it
-    (x[layer]) before a gather or dot reads it, a whole layer's K for a few rows."""
-    b, hkv = indices.shape[:2]
-    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
-    return x[layer, rows, heads, indices]
-
-
 def fixed_slots(pos: Array, hi: Array, sinks: int, window: int) -> tuple[Array, Array]:
     """Sinks and window of new tokens at pos [B] -> (slots, ok) [B, S + R]; slots 0 where not ok.
 

@@ -193,24 +193,6 @@ class StackedMLP(nnx.Module):
             x = linear(x, layer, head_repeat)
         return x
 
-    def pointwise(self, x: Array, layer) -> Array:
-        """One layer's MLP of a single head and output over many points: x [..., in] -> [...].
-
-        The same map as `__call__`, written as multiply-adds of scalar weights over one array per
-        feature: XLA:CPU fuses it into one vectorised loop, where dots over a minor axis of a few
-        features cost transposes (decoding's tier 2: every (query head, token) pair)."""
-        features = [x[..., i] for i in range(x.shape[-1])]
-        for i, linear in enumerate(self.maps):
-            if i:
-                features = [jax.nn.gelu(f) for f in features]
-            w = linear.w[...][layer, 0]  # [in, out]
-            b = jnp.zeros(w.shape[1]) if linear.b is None else linear.b[...][layer, 0]
-            features = [
-                b[o] + sum(w[j, o] * f for j, f in enumerate(features)) for o in range(w.shape[1])
-            ]
-        (out,) = features
-        return out
-
 
 class Hasher(nnx.Module):
     """Key and query encoders, the tier-2 logit and the calibration discounts of every layer."""
@@ -293,7 +275,8 @@ class Hasher(nnx.Module):
 
         similarity [L?, ..., Hq, T]: s / b in [-1, 1] per query head and token; agreement
         [L?, ..., Hq, T, groups]: each group's share of equal bits, in [0, 1]. Both may be
-        relaxed (training) or exact (decoding). Returns [L?, ..., Hq, T] float32.
+        relaxed (training) or exact. Returns [L?, ..., Hq, T] float32. Decoding computes the
+        same map from the codes in `pallas_kernels.code_logits` (`code_logit_weights`).
         """
         if self.config.kind == "simhash":  # untrained: decoding fits a line per query and step
             return similarity
@@ -303,8 +286,18 @@ class Hasher(nnx.Module):
             flat = x.reshape(x.shape[0], -1, 1, x.shape[-1])  # [L, M, 1, groups]
             residual = self.residual(flat, None).reshape(x.shape[:-1])
         else:
-            residual = self.residual.pointwise(x, layer)
+            residual = self.residual(x[..., None, :], layer)[..., 0, 0]  # one MLP for all heads
         return scale * similarity + residual
+
+    def code_logit_weights(self, layer) -> tuple[Array, tuple | None]:
+        """`approx_logits` of one layer as `pallas_kernels.code_logits` takes it: (scale [Hq],
+        the residual MLP (w1 [groups, hidden], b1 [hidden], w2 [hidden], b2 [])), or (ones,
+        None) for SimHash, whose decoding fits its own line."""
+        if self.config.kind == "simhash":
+            return jnp.ones(self.config.num_heads), None
+        first, last = self.residual.maps
+        mlp = (first.w[...][layer, 0], first.b[...][layer, 0], last.w[...][layer, 0, :, 0])
+        return self.logit_scale[...][layer], (*mlp, last.b[...][layer, 0, 0])
 
     def discounts(self, layer=None) -> tuple[Array, Array]:
         """(consensus, momentum) discounts in distance units, >= 0: [L] or one layer's []."""
@@ -363,24 +356,6 @@ def signs(codes: Array) -> Array:
 
 def popcount(x: Array) -> Array:
     return jax.lax.population_count(x).astype(jnp.int32)
-
-
-def group_agreement(q_codes: Array, k_codes: Array, groups: int) -> Array:
-    """Each group's share of equal bits between packed codes: q [..., W], k [..., W] (they
-    broadcast) -> [..., groups] float32 in [0, 1]; group i holds bits [i b/groups, (i+1)
-    b/groups)."""
-    same = ~(q_codes ^ k_codes)  # [..., W] uint32: 1 where the bits agree
-    words = same.shape[-1]
-    group_bits = words * WORD_BITS // groups
-    if group_bits >= WORD_BITS:  # whole words per group
-        counts = popcount(same).reshape(*same.shape[:-1], groups, -1).sum(-1)
-    else:
-        per_word = WORD_BITS // group_bits
-        shifts = jnp.arange(per_word, dtype=jnp.uint32) * group_bits
-        mask = jnp.uint32((1 << group_bits) - 1)
-        counts = popcount((same[..., None] >> shifts) & mask)  # [..., W, per_word]
-        counts = counts.reshape(*same.shape[:-1], groups)
-    return counts.astype(jnp.float32) / group_bits
 
 
 def soft_agreement(q_soft: Array, k_soft: Array, groups: int) -> Array:
