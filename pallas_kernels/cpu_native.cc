@@ -213,14 +213,17 @@ void Weights(const float* logits, const int32_t* slots, int64_t start, int64_t s
              int64_t g_size, int64_t m_size, Partial& part, float* weights) {
   auto named = [&](int64_t e) { return slots[e] >= 0 && slots[e] < n; };
   const int64_t full = start + (stop - start) / kLanes * kLanes;
-  const Ints none = Ints{} - 1, rows = Ints{} + static_cast<int32_t>(std::min<int64_t>(n, 1 << 30));
+  // Named: -1 < slot <= the last row (in int32, as the slots are).
+  const int32_t last_row = static_cast<int32_t>(
+      std::min<int64_t>(n - 1, std::numeric_limits<int32_t>::max()));
+  const Ints none = Ints{} - 1, last = Ints{} + last_row;
   for (int64_t g = 0; g < g_size; ++g) {
     const float* logits_g = logits + g * m_size;
     float* weights_g = weights + g * kBlock - start;
     Floats shift = Floats{} + kNegInf;
     for (int64_t e = start; e < full; e += kLanes) {
       const Ints s = LoadInts(slots + e);
-      shift = Max(shift, (s > none) & (s < rows) ? Load(logits_g + e) : kNegInf);
+      shift = Max(shift, (s > none) & (s <= last) ? Load(logits_g + e) : kNegInf);
     }
     float shift_g = kNegInf;
     for (int64_t i = 0; i < kLanes; ++i) shift_g = std::max(shift_g, shift[i]);
@@ -231,7 +234,7 @@ void Weights(const float* logits, const int32_t* slots, int64_t start, int64_t s
       const Ints s = LoadInts(slots + e);
       const Floats l = Load(logits_g + e);
       // A -inf logit (or a group with no finite one) weighs nothing.
-      const Floats w = (s > none) & (s < rows) & (l > kNegInf) ? Exp(l - shift_g) : Floats{};
+      const Floats w = (s > none) & (s <= last) & (l > kNegInf) ? Exp(l - shift_g) : Floats{};
       Store(weights_g + e, w);
       total += w;
     }
