@@ -217,24 +217,25 @@ void Weights(const float* logits, const int32_t* slots, int64_t start, int64_t s
   const int32_t last_row = static_cast<int32_t>(
       std::min<int64_t>(n - 1, std::numeric_limits<int32_t>::max()));
   const Ints none = Ints{} - 1, last = Ints{} + last_row;
+  auto named_lanes = [&](int64_t e) {  // the 16 slots from e that name a row
+    const Ints s = LoadInts(slots + e);
+    return (s > none) & (s <= last);
+  };
   for (int64_t g = 0; g < g_size; ++g) {
     const float* logits_g = logits + g * m_size;
     float* weights_g = weights + g * kBlock - start;
     Floats shift = Floats{} + kNegInf;
-    for (int64_t e = start; e < full; e += kLanes) {
-      const Ints s = LoadInts(slots + e);
-      shift = Max(shift, (s > none) & (s <= last) ? Load(logits_g + e) : kNegInf);
-    }
+    for (int64_t e = start; e < full; e += kLanes)
+      shift = Max(shift, named_lanes(e) ? Load(logits_g + e) : kNegInf);
     float shift_g = kNegInf;
     for (int64_t i = 0; i < kLanes; ++i) shift_g = std::max(shift_g, shift[i]);
     for (int64_t e = full; e < stop; ++e)
       if (named(e)) shift_g = std::max(shift_g, logits_g[e]);
     Floats total = {};
     for (int64_t e = start; e < full; e += kLanes) {
-      const Ints s = LoadInts(slots + e);
       const Floats l = Load(logits_g + e);
       // A -inf logit (or a group with no finite one) weighs nothing.
-      const Floats w = (s > none) & (s <= last) & (l > kNegInf) ? Exp(l - shift_g) : Floats{};
+      const Floats w = named_lanes(e) & (l > kNegInf) ? Exp(l - shift_g) : Floats{};
       Store(weights_g + e, w);
       total += w;
     }
@@ -361,6 +362,7 @@ void CodeLogits(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* codes,
                 int64_t words, int64_t e_size) {
   const int64_t blocks = (e_size + kBlock - 1) / kBlock, bits = 32 * words;
   const int64_t group_bits = bits / mlp.groups, width = std::min<int64_t>(group_bits, 32);
+  const int64_t fields = 32 / width;  // groups (or parts of one) per word
   const uint32_t field_mask = width == 32 ? ~0u : (1u << width) - 1;
   ParallelFor(pool, batch * heads * blocks, [&](int64_t task) {
     const int64_t bh = task / blocks, h = bh % heads, start = task % blocks * kBlock;
@@ -376,11 +378,12 @@ void CodeLogits(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* codes,
       const int64_t ahead_stop = std::min(e + kCodesAhead + kLanes, stop);
       for (int64_t ahead = e + kCodesAhead; ahead < ahead_stop; ++ahead)
         Prefetch(codes_bh, 0, n, words, row_slots[ahead]);
+      bool named[kLanes];
       for (int64_t lane = 0; lane < kLanes; ++lane) {  // unused lanes: code 0, output -inf
         const int32_t slot = lane < lanes ? row_slots[e + lane] : -1;
-        const bool named = slot >= 0 && slot < n;
+        named[lane] = slot >= 0 && slot < n;
         for (int64_t w = 0; w < words; ++w)
-          lanes_codes[w * kLanes + lane] = named ? codes_bh[int64_t{slot} * words + w] : 0;
+          lanes_codes[w * kLanes + lane] = named[lane] ? codes_bh[int64_t{slot} * words + w] : 0;
       }
       for (int64_t g = 0; g < g_size; ++g) {
         const uint32_t* q_g = q + (bh * g_size + g) * words;
@@ -389,7 +392,7 @@ void CodeLogits(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* codes,
           Words k;
           std::memcpy(&k, &lanes_codes[w * kLanes], sizeof(k));
           const Words counts = FieldCounts(~(q_g[w] ^ k), width);
-          for (int64_t f = 0; f < std::max<int64_t>(32 / width, 1); ++f)  // fields of word w
+          for (int64_t f = 0; f < fields; ++f)
             x[(w * 32 + f * width) / group_bits] +=
                 __builtin_convertvector((counts >> (f * width)) & field_mask, Floats);
         }
@@ -414,10 +417,8 @@ void CodeLogits(ffi::ThreadPool& pool, const uint32_t* q, const uint32_t* codes,
         }
         const Floats logit = scale[h * g_size + g] * similarity + residual;
         float* out_g = out + (bh * g_size + g) * e_size + e;
-        for (int64_t lane = 0; lane < lanes; ++lane) {
-          const int32_t slot = row_slots[e + lane];
-          out_g[lane] = slot >= 0 && slot < n ? logit[lane] : kNegInf;
-        }
+        for (int64_t lane = 0; lane < lanes; ++lane)
+          out_g[lane] = named[lane] ? logit[lane] : kNegInf;
       }
     }
   });

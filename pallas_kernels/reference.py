@@ -27,6 +27,11 @@ from pallas_kernels import common
 WORD_BITS = common.WORD_BITS
 
 
+def _popcount(x: jax.Array) -> jax.Array:
+    """Set bits of each uint32, as int32."""
+    return lax.population_count(x).astype(jnp.int32)
+
+
 def valid_slots(lengths: jax.Array, n: int) -> jax.Array:
     """[B] int32 lengths -> [B, 1, N] bool, True for slots below the row's length."""
     return jnp.arange(n, dtype=jnp.int32)[None, None, :] < lengths[:, None, None]
@@ -61,7 +66,7 @@ def weighted_popcount_sum(terms: list[tuple[int, jax.Array]]) -> jax.Array:
             level = [a ^ b]
             carries.append(a & b)
         if level:
-            total = total + (lax.population_count(level[0]).astype(jnp.int32) << j)
+            total = total + (_popcount(level[0]) << j)
         if carries:
             pending.setdefault(j + 1, []).extend(carries)
         j += 1
@@ -311,7 +316,7 @@ def nth_set_bit_in_word(word: jax.Array, n: jax.Array) -> jax.Array:
     """Position of the n-th (0-based) set bit of each uint32 `word`, for n < popcount(word)."""
     position = jnp.zeros(word.shape, jnp.int32)
     for width in (16, 8, 4, 2, 1):
-        low = lax.population_count(word & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
+        low = _popcount(word & jnp.uint32((1 << width) - 1))
         upper = n >= low
         n = jnp.where(upper, n - low, n)
         word = jnp.where(upper, word >> width, word)
@@ -339,7 +344,7 @@ def tie_cut(equal_words: jax.Array, ties: jax.Array) -> jax.Array:
       [R] int32.
     """
     n_words = equal_words.shape[-1]
-    counts = lax.population_count(equal_words).astype(jnp.int32)  # [R, NW]
+    counts = _popcount(equal_words)  # [R, NW]
     inclusive = jnp.cumsum(counts, axis=-1)
     word = jnp.sum(inclusive < ties[:, None], axis=-1, dtype=jnp.int32)  # holds tie number ties-1
     clipped = jnp.minimum(word, n_words - 1)[:, None]  # [R, 1]
@@ -365,7 +370,7 @@ def compact_words(words: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
       indices [R, size] int32 (the first `size` set bits, then -1) and count [R] int32.
     """
     n_rows, n_words = words.shape
-    counts = lax.population_count(words).astype(jnp.int32)  # [R, NW]
+    counts = _popcount(words)  # [R, NW]
     inclusive = jnp.cumsum(counts, axis=-1)
     row_start = jnp.arange(n_rows, dtype=jnp.int32)[:, None] * size
     ends = jnp.where(inclusive < size, row_start + inclusive, n_rows * size)  # [R, NW]
@@ -621,20 +626,16 @@ def group_agreement(q_codes: jax.Array, k_codes: jax.Array, groups: int) -> jax.
     b/groups)."""
     same = ~(q_codes ^ k_codes)  # [..., W] uint32: 1 where the bits agree
     words = same.shape[-1]
-    group_bits = words * 32 // groups
-    if group_bits >= 32:  # whole words per group
+    group_bits = words * WORD_BITS // groups
+    if group_bits >= WORD_BITS:  # whole words per group
         counts = _popcount(same).reshape(*same.shape[:-1], groups, -1).sum(-1)
     else:
-        per_word = 32 // group_bits
+        per_word = WORD_BITS // group_bits
         shifts = jnp.arange(per_word, dtype=jnp.uint32) * group_bits
         mask = jnp.uint32((1 << group_bits) - 1)
         counts = _popcount((same[..., None] >> shifts) & mask)  # [..., W, per_word]
         counts = counts.reshape(*same.shape[:-1], groups)
     return counts.astype(jnp.float32) / group_bits
-
-
-def _popcount(x: jax.Array) -> jax.Array:
-    return lax.population_count(x).astype(jnp.int32)
 
 
 def code_logits_reference(
@@ -657,7 +658,7 @@ def code_logits_reference(
     rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None]
     codes = k_codes[layer, rows, heads, jnp.where(valid, slots, 0)]  # [B, Hkv, K, W]
     pair = (q_codes[:, :, :, None, :], codes[:, :, None, :, :])  # [B, Hkv, G, K, W]
-    bits = 32 * words
+    bits = WORD_BITS * words
     similarity = 1.0 - 2.0 * _popcount(pair[0] ^ pair[1]).sum(-1) / bits  # [B, Hkv, G, K]
     logits = scale[None, :, :, None] * similarity
     if mlp is not None:
