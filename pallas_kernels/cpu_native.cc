@@ -81,7 +81,8 @@ const T* Row(const T* cache, int64_t layer_bh, int64_t n, int64_t d, int64_t slo
 }
 
 // Asks for the cache lines of row `slot` (when it names one) ahead of its use, into L2: on
-// AMD Zen 4 prefetches into L1 held the scattered rows to a third of the rate (RESULTS.md).
+// AMD Zen 4 the scattered sparse step ran 1.44x faster than with prefetches into L1
+// (RESULTS.md, issue 15 round 8).
 template <typename T>
 void Prefetch(const T* cache, int64_t layer_bh, int64_t n, int64_t d, int32_t slot) {
   if (slot < 0 || slot >= n) return;
